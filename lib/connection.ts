@@ -1,0 +1,313 @@
+/**
+ * One SMTP connection with its counters: the counting wrapper around Nodemailer's SMTPConnection.
+ *
+ * It counts successful deliveries (recipients accepted at RCPT in a transaction whose DATA was
+ * accepted; with LMTP, recipients whose own DATA reply was 2xx) and attempted RCPT TO commands,
+ * hands out no more room than the limits leave, and turns every transaction into one verdict per
+ * recipient. It knows nothing of pools, domains or retries: the caller decides what a verdict
+ * means for the work left.
+ */
+import { Readable } from 'node:stream';
+import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
+import SMTPConnection from 'nodemailer/lib/smtp-connection';
+import { connectionLog } from './log';
+import type { RouteAuth } from './options';
+
+/** Where and how to connect, already resolved for one (binding, domain). */
+export interface ConnectionTarget {
+  host: string;
+  port: number;
+  secure: boolean;
+  requireTLS: boolean;
+  ignoreTLS: boolean;
+  lmtp: boolean;
+  tls: TlsConnectionOptions | undefined;
+  auth: RouteAuth | undefined;
+  localAddress: string | undefined;
+  ehloName: string | undefined;
+  connectionTimeout: number;
+  greetingTimeout: number;
+  socketTimeout: number;
+}
+
+/** Per-connection limits; 0 = no limit. */
+export interface ConnectionLimits {
+  maxDeliveries: number;
+  maxRecipients: number;
+  maxRecipientsPerTransaction: number;
+}
+
+export type RetireReason =
+  /** maxDeliveriesPerConnection reached. */
+  | 'maxDeliveries'
+  /** maxRecipientsPerConnection reached. */
+  | 'maxRecipients'
+  /** The server closed the connection (421, or dropped it). */
+  | 'serverClosed'
+  /** A socket error, timeout or protocol error. */
+  | 'error'
+  /** Unused for idleTimeout. */
+  | 'idle'
+  /** The transport closed. */
+  | 'shutdown';
+
+/**
+ * What happened to one recipient in one transaction:
+ * - delivered: accepted at RCPT and the server accepted the DATA;
+ * - rejected: a 5xx for it (at RCPT, or for the whole transaction);
+ * - deferred: a 4xx for it; the server's verdict, not a broken connection;
+ * - retry: the connection broke (or the server sent 421) before the server took the message:
+ *   safe to send again on another connection;
+ * - unknown: the whole message was sent but the connection broke before the final reply; the
+ *   server may have it, so it must not be sent again.
+ */
+export type RecipientVerdict = 'delivered' | 'rejected' | 'deferred' | 'retry' | 'unknown';
+
+export interface RecipientReply {
+  rcpt: string;
+  verdict: RecipientVerdict;
+  /** The server's reply, or the error that ended the transaction. */
+  response: string;
+  responseCode?: number;
+}
+
+export interface TransactionEnvelope {
+  /** Envelope sender; '' for the null sender. */
+  from: string;
+  size?: number;
+  dsn?: SMTPConnection.DSNOptions;
+  use8BitMime?: boolean;
+}
+
+/** The error fields SMTPConnection sets, read defensively. */
+interface SmtpError extends Error {
+  code?: string;
+  command?: string;
+  response?: string;
+  responseCode?: number;
+  recipient?: string;
+}
+
+/**
+ * SMTPConnection records each recipient's RCPT reply on the envelope object it is given; its
+ * error callback does not carry them (except when every recipient was rejected), so they are
+ * read from that object.
+ */
+interface EnvelopeState extends SMTPConnection.Envelope {
+  accepted?: string[];
+  rejectedErrors?: SmtpError[];
+}
+
+let nextConnectionId = 1;
+
+export class CountingConnection {
+  readonly id: string;
+  readonly target: ConnectionTarget;
+  readonly limits: ConnectionLimits;
+  deliveries = 0;
+  recipients = 0;
+  transactions = 0;
+  retireReason: RetireReason | undefined;
+  private readonly smtp: SMTPConnection;
+  private ended = false;
+  private readonly endWaiters: (() => void)[] = [];
+
+  private constructor(label: string, target: ConnectionTarget, limits: ConnectionLimits) {
+    this.id = `${label}#${nextConnectionId++}`;
+    this.target = target;
+    this.limits = limits;
+    this.smtp = new SMTPConnection({
+      host: target.host,
+      port: target.port,
+      secure: target.secure,
+      requireTLS: target.requireTLS,
+      ignoreTLS: target.ignoreTLS,
+      lmtp: target.lmtp,
+      tls: target.tls,
+      localAddress: target.localAddress,
+      name: target.ehloName,
+      connectionTimeout: target.connectionTimeout,
+      greetingTimeout: target.greetingTimeout,
+      socketTimeout: target.socketTimeout,
+      logger: false,
+    });
+    // SMTPConnection emits 'error' and also hands the error to the callback in flight; the
+    // callback is where it is handled, the event only must not crash the process.
+    this.smtp.on('error', (err: Error) => connectionLog('%s error: %s', this.id, err.message));
+    this.smtp.once('end', () => {
+      this.ended = true;
+      for (const waiter of this.endWaiters.splice(0)) waiter();
+    });
+  }
+
+  /** Opens, greets, upgrades and authenticates; rejects with the connection error. */
+  static async open(label: string, target: ConnectionTarget, limits: ConnectionLimits): Promise<CountingConnection> {
+    const connection = new CountingConnection(label, target, limits);
+    connectionLog('%s connecting to %s:%d from %s', connection.id, target.host, target.port, target.localAddress ?? 'any address');
+    try {
+      await new Promise<void>((resolve, reject) => connection.smtp.connect((err) => (err ? reject(err) : resolve())));
+      if (target.auth) {
+        const auth = target.auth;
+        await new Promise<void>((resolve, reject) => connection.smtp.login({ user: auth.user, pass: auth.pass }, (err) => (err ? reject(err) : resolve())));
+      }
+    } catch (err) {
+      connection.retireReason = 'error';
+      connection.smtp.close();
+      throw err;
+    }
+    connectionLog('%s open (%s)', connection.id, connection.encrypted ? 'TLS' : 'plain');
+    return connection;
+  }
+
+  get encrypted(): boolean {
+    return this.smtp.secure;
+  }
+
+  /** False once the socket is gone or the connection was retired. */
+  get usable(): boolean {
+    return !this.ended && this.retireReason === undefined;
+  }
+
+  /** How many recipients the next transaction may carry without passing a limit. */
+  capacity(): number {
+    const { maxDeliveries, maxRecipients, maxRecipientsPerTransaction } = this.limits;
+    let room = maxRecipientsPerTransaction;
+    if (maxDeliveries > 0) room = Math.min(room, maxDeliveries - this.deliveries);
+    if (maxRecipients > 0) room = Math.min(room, maxRecipients - this.recipients);
+    return this.usable ? Math.max(0, room) : 0;
+  }
+
+  /**
+   * Runs one transaction (MAIL, RCPT…, DATA) and resolves with a verdict per recipient; never
+   * rejects. Retires the connection when it reached a limit or broke.
+   */
+  send(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
+    if (rcpts.length === 0 || rcpts.length > this.capacity()) {
+      throw new RangeError(`${this.id}: ${rcpts.length} recipients offered, room for ${this.capacity()}`);
+    }
+    this.transactions++;
+    // Counted before sending: a limit must hold even when the replies never come.
+    this.recipients += rcpts.length;
+    const source = new MessageSource(message);
+    const state: EnvelopeState = { ...envelope, to: [...rcpts] };
+    return new Promise((resolve) => {
+      this.smtp.send(state, source, (err, info) => {
+        const replies = err ? this.failedTransaction(rcpts, state, err as SmtpError, source.readableEnded) : this.completedTransaction(rcpts, info);
+        const delivered = replies.filter((r) => r.verdict === 'delivered').length;
+        this.deliveries += delivered;
+        connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
+        this.retireIfSpent();
+        if (err && !this.ended && this.usable) {
+          // The transaction failed but the session is alive: RSET before it carries another.
+          this.smtp.reset((resetErr) => {
+            if (resetErr) this.retire('error');
+            resolve(replies);
+          });
+          return;
+        }
+        resolve(replies);
+      });
+    });
+  }
+
+  /** Marks the connection as done; it will be closed and not handed out again. */
+  retire(reason: RetireReason): void {
+    this.retireReason ??= reason;
+  }
+
+  /** QUITs (or drops a broken session) and resolves when the socket is gone. */
+  close(reason: RetireReason): Promise<void> {
+    this.retire(reason);
+    if (this.ended) return this.socketClosed();
+    connectionLog('%s closing: %s (%d deliveries, %d rcpt)', this.id, this.retireReason, this.deliveries, this.recipients);
+    return new Promise<void>((resolve) => {
+      this.endWaiters.push(resolve);
+      if (this.smtp.stage === 'connected') this.smtp.quit();
+      else this.smtp.close();
+      // A server that never answers QUIT must not hold close() up.
+      setTimeout(() => this.smtp.close(), 2_000).unref();
+    }).then(() => this.socketClosed());
+  }
+
+  private socketClosed(): Promise<void> {
+    const socket = this.smtp._socket;
+    if (!socket || socket.destroyed) return Promise.resolve();
+    return new Promise((resolve) => {
+      socket.once('close', () => resolve());
+      setTimeout(() => {
+        socket.destroy();
+        resolve();
+      }, 2_000).unref();
+    });
+  }
+
+  private retireIfSpent(): void {
+    const { maxDeliveries, maxRecipients } = this.limits;
+    if (maxDeliveries > 0 && this.deliveries >= maxDeliveries) this.retire('maxDeliveries');
+    else if (maxRecipients > 0 && this.recipients >= maxRecipients) this.retire('maxRecipients');
+  }
+
+  private completedTransaction(rcpts: readonly string[], info: SMTPConnection.SentMessageInfo): RecipientReply[] {
+    const failures = new Map<string, SmtpError>();
+    for (const err of (info.rejectedErrors ?? []) as SmtpError[]) if (err.recipient) failures.set(err.recipient, err);
+    return rcpts.map((rcpt) => {
+      const failure = failures.get(rcpt);
+      if (failure) return verdictFromReply(rcpt, failure);
+      return { rcpt, verdict: 'delivered', response: info.response, responseCode: replyCode(info.response) };
+    });
+  }
+
+  private failedTransaction(rcpts: readonly string[], envelope: EnvelopeState, err: SmtpError, messageSent: boolean): RecipientReply[] {
+    const rcptFailures = new Map<string, SmtpError>();
+    for (const failure of envelope.rejectedErrors ?? []) if (failure.recipient) rcptFailures.set(failure.recipient, failure);
+    const acceptedAtRcpt = new Set(envelope.accepted ?? []);
+    // The server gave a verdict on the whole transaction (sender refused, DATA refused, message
+    // refused after the dot), other than 421 which only says the connection is going away.
+    const transactionVerdict = err.responseCode !== undefined && err.responseCode !== 421 && err.command !== 'CONN';
+    // Refused before a byte went out (SIZE over the server's limit, a bad address).
+    const refusedLocally = err.responseCode === undefined && (err.command === 'API' || err.command === 'MAIL FROM');
+    if (err.responseCode === 421) this.retire('serverClosed');
+    else if (this.ended || err.command === 'CONN') this.retire('error');
+
+    return rcpts.map((rcpt): RecipientReply => {
+      const rcptFailure = rcptFailures.get(rcpt);
+      if (rcptFailure && rcptFailure.responseCode !== 421) return verdictFromReply(rcpt, rcptFailure);
+      if (transactionVerdict) return verdictFromReply(rcpt, err);
+      if (refusedLocally) return { rcpt, verdict: 'rejected', response: err.message };
+      if (messageSent && acceptedAtRcpt.has(rcpt)) {
+        return { rcpt, verdict: 'unknown', response: `outcome unknown: the message was sent but the connection ended before the server's reply (${err.message})` };
+      }
+      return { rcpt, verdict: 'retry', response: err.message, responseCode: err.responseCode };
+    });
+  }
+}
+
+function verdictFromReply(rcpt: string, err: SmtpError): RecipientReply {
+  const code = err.responseCode;
+  const response = err.response ?? err.message;
+  if (code === 421) return { rcpt, verdict: 'retry', response, responseCode: code };
+  return { rcpt, verdict: code !== undefined && code >= 500 ? 'rejected' : 'deferred', response, responseCode: code };
+}
+
+function replyCode(response: string | undefined): number | undefined {
+  const match = response ? /^\d{3}/.exec(response) : null;
+  return match ? Number(match[0]) : undefined;
+}
+
+/**
+ * The message as a stream: SMTPConnection reads it only after the server answered DATA with 354,
+ * so `readableEnded` tells whether the whole message (and so possibly the final dot) went out.
+ */
+class MessageSource extends Readable {
+  private readonly bytes: Buffer;
+
+  constructor(bytes: Buffer) {
+    super();
+    this.bytes = bytes;
+  }
+
+  override _read(): void {
+    this.push(this.bytes);
+    this.push(null);
+  }
+}

@@ -1,0 +1,113 @@
+/**
+ * Delivery of one message to one destination domain: recipients go out in transactions sized to
+ * what each pooled connection has left under its limits; what did not fit, or whose transaction
+ * the connection broke under, goes on over another pooled connection, a bounded number of times.
+ * Every recipient ends with exactly one outcome; one the server may have taken is never resent.
+ */
+import { describeError } from './errors';
+import type { TransactionEnvelope } from './connection';
+import type { DestinationPool } from './pool-registry';
+import type { Recipient } from './recipients';
+import { deliveryLog } from './log';
+
+export type RecipientStatus = 'accepted' | 'rejected' | 'pending';
+
+export interface RecipientOutcome {
+  /** The address as the message gave it. */
+  recipient: string;
+  status: RecipientStatus;
+  /** The server's reply, or why there was none. */
+  response: string;
+  responseCode?: number;
+  /** The host that gave the reply, when a connection was made. */
+  host?: string;
+}
+
+export interface DomainResult {
+  domain: string;
+  binding: string;
+  /** Hosts that carried this domain's transactions. */
+  hosts: string[];
+  accepted: RecipientOutcome[];
+  rejected: RecipientOutcome[];
+  pending: RecipientOutcome[];
+}
+
+export interface DomainDelivery {
+  domain: string;
+  binding: string;
+  pool: DestinationPool;
+  envelope: TransactionEnvelope;
+  message: Buffer;
+  recipients: readonly Recipient[];
+  maxAttempts: number;
+  /** Recipients per transaction at most, to decide how many connections to use at once. */
+  maxRecipientsPerTransaction: number;
+  maxConnections: number;
+}
+
+interface QueuedRecipient {
+  recipient: Recipient;
+  /** Transactions it was in that ended without a verdict for it. */
+  attempts: number;
+}
+
+/** RFC 5321 3.3: 452 "too many recipients" asks for the rest in a new transaction. */
+const TOO_MANY_RECIPIENTS = 452;
+
+export function emptyDomainResult(domain: string, binding: string): DomainResult {
+  return { domain, binding, hosts: [], accepted: [], rejected: [], pending: [] };
+}
+
+export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult> {
+  const result = emptyDomainResult(job.domain, job.binding);
+  const queue: QueuedRecipient[] = job.recipients.map((recipient) => ({ recipient, attempts: 0 }));
+  const hosts = new Set<string>();
+  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string): void => {
+    result[status].push({ recipient: item.recipient.address, status, response, ...(responseCode !== undefined && { responseCode }), ...(host !== undefined && { host }) });
+  };
+
+  // Each worker holds one connection at a time; a large recipient list spreads over several.
+  const worker = async (): Promise<void> => {
+    while (queue.length > 0) {
+      let connection;
+      try {
+        connection = await job.pool.acquire();
+      } catch (err) {
+        // The destination cannot be reached now: what is left is pending with that reason.
+        for (const item of queue.splice(0)) settle(item, 'pending', describeError(err));
+        return;
+      }
+      const batch = queue.splice(0, connection.capacity());
+      if (batch.length === 0) {
+        job.pool.release(connection);
+        continue;
+      }
+      const host = `${connection.target.host}:${connection.target.port}`;
+      hosts.add(host);
+      const replies = await connection.send(job.envelope, batch.map((item) => item.recipient.rcpt), job.message);
+      job.pool.release(connection);
+      const again: QueuedRecipient[] = [];
+      replies.forEach((reply, i) => {
+        const item = batch[i];
+        const retryable = reply.verdict === 'retry' || (reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS);
+        if (retryable && ++item.attempts < job.maxAttempts) {
+          again.push(item);
+          return;
+        }
+        const status: RecipientStatus = reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending';
+        settle(item, status, reply.response, reply.responseCode, host);
+      });
+      if (again.length > 0) {
+        deliveryLog('%s: %d recipient(s) go on over another connection after %s', connection.id, again.length, replies.find((r) => r.verdict !== 'delivered')?.response);
+        queue.unshift(...again);
+      }
+    }
+  };
+
+  const perTransaction = Math.max(1, job.maxRecipientsPerTransaction);
+  const workers = Math.min(job.maxConnections, Math.ceil(queue.length / perTransaction));
+  await Promise.all(Array.from({ length: Math.max(1, workers) }, worker));
+  result.hosts = [...hosts];
+  return result;
+}

@@ -1,0 +1,137 @@
+/**
+ * The option types users write, and the table of scoped options that drives validation, defaults
+ * and the README's reference. Scope resolution itself lives in config.ts.
+ */
+import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
+import type { SendMailOptions } from 'nodemailer';
+
+/** Credentials for a relay route. */
+export interface RouteAuth {
+  user: string;
+  pass: string;
+}
+
+/**
+ * A static route: where a domain's mail goes instead of its MX hosts. The field names are
+ * Nodemailer's SMTP connection options.
+ */
+export interface RouteOptions {
+  host: string;
+  /** Default 25 (465 when `secure`). */
+  port?: number;
+  /** TLS from the first byte (port 465 style). */
+  secure?: boolean;
+  auth?: RouteAuth;
+  /** Fail the connection when the server offers no STARTTLS. */
+  requireTLS?: boolean;
+  /** Never use STARTTLS, even when offered. */
+  ignoreTLS?: boolean;
+  /** Node TLS options for this route (certificate checks, servername, minimum version). */
+  tls?: TlsConnectionOptions;
+  /** Speak LMTP instead of SMTP (per-recipient DATA replies). */
+  lmtp?: boolean;
+}
+
+/** Options that may be set at every scope: globally, per binding group, per binding, per domain. */
+export interface ScopedOptions {
+  /** Momentum `max_deliveries_per_connection`: successful deliveries before the connection is retired. 0 = no limit. Default 0. */
+  maxDeliveriesPerConnection?: number;
+  /** Momentum `max_recipients_per_connection`: RCPT TO commands before the connection is retired. 0 = no limit. Default 0. */
+  maxRecipientsPerConnection?: number;
+  /** Momentum `max_recipients_per_batch`: RCPT TO commands in one transaction. Default 100. */
+  maxRecipientsPerTransaction?: number;
+  /** Momentum `max_outbound_connections`: connections per (binding, domain) pool. Default 5. */
+  maxOutboundConnections?: number;
+  /** Momentum `idle_timeout` (ms here): an idle connection, and then an idle pool, is closed after it. Default 30 000. */
+  idleTimeout?: number;
+  /** How long a send waits for a free connection before its recipients go pending (ms). Default 30 000. */
+  acquireTimeout?: number;
+  /** Momentum `connect_timeout` (ms): TCP connect. Default 30 000. */
+  connectionTimeout?: number;
+  /** Time to wait for the server's greeting (ms). Default 30 000. */
+  greetingTimeout?: number;
+  /** Momentum `data_timeout`-like inactivity limit on an open connection (ms). Default 300 000. */
+  socketTimeout?: number;
+  /** Transactions one recipient may be tried in when connections break under it. Default 3. */
+  maxAttempts?: number;
+  /** First pause after a failed connect before the pool tries that destination again (ms), doubled per failure. Default 1 000. */
+  connectBackoff?: number;
+  /** Ceiling of that pause (ms). Default 60 000. */
+  maxConnectBackoff?: number;
+  /** Deliver through this host instead of the domain's MX hosts. */
+  route?: RouteOptions;
+  /** Node TLS options for every connection in this scope (merged under a route's own `tls`). */
+  tlsOptions?: TlsConnectionOptions;
+}
+
+/** A binding's or binding group's per-domain stanza, and a global domain stanza. */
+export type DomainOptions = ScopedOptions;
+
+/** A named source identity. */
+export interface BindingOptions extends ScopedOptions {
+  /** Source IP address of its connections (Nodemailer's `localAddress`). Unset: the OS picks. */
+  localAddress?: string;
+  /** Host name sent with EHLO (Nodemailer's `name`). Unset: the global `name`, else the machine's. */
+  name?: string;
+  /** Options for single destination domains, most specific of all scopes. */
+  domains?: Record<string, DomainOptions>;
+}
+
+export interface BindingGroupOptions extends ScopedOptions {
+  /** Names of the bindings in the group; messages spread round-robin over them. */
+  bindings: string[];
+  domains?: Record<string, DomainOptions>;
+}
+
+/** The name of a binding or a binding group, as a message or `selectBinding` names it. */
+export interface BindingChoice {
+  binding?: string;
+  bindingGroup?: string;
+}
+
+export interface BindingPoolOptions extends ScopedOptions {
+  bindings?: Record<string, BindingOptions>;
+  bindingGroups?: Record<string, BindingGroupOptions>;
+  /** Global domain stanzas. Keys are domain names (case-insensitive, IDN allowed). */
+  domains?: Record<string, DomainOptions>;
+  /** Binding or binding group used when a message names none. Default `default` (built in unless defined). */
+  defaultBinding?: string;
+  /** Picks a binding for a message that names none: a binding name, or `{ binding }` / `{ bindingGroup }`. */
+  selectBinding?: (mail: SendMailOptions) => string | BindingChoice | undefined;
+  /** EHLO name for bindings without their own `name`. */
+  name?: string;
+}
+
+/** How each scoped option is checked, with its default; README's option table mirrors it. */
+export type OptionKind = 'count' | 'positive' | 'milliseconds' | 'route' | 'tls';
+
+export interface ScopedOptionSpec {
+  kind: OptionKind;
+  default: number | undefined;
+  momentum?: string;
+}
+
+/** Every scoped option with its check and default. */
+export const SCOPED_OPTIONS = {
+  maxDeliveriesPerConnection: { kind: 'count', default: 0, momentum: 'max_deliveries_per_connection' },
+  maxRecipientsPerConnection: { kind: 'count', default: 0, momentum: 'max_recipients_per_connection' },
+  maxRecipientsPerTransaction: { kind: 'positive', default: 100, momentum: 'max_recipients_per_batch' },
+  maxOutboundConnections: { kind: 'positive', default: 5, momentum: 'max_outbound_connections' },
+  idleTimeout: { kind: 'milliseconds', default: 30_000, momentum: 'idle_timeout' },
+  acquireTimeout: { kind: 'milliseconds', default: 30_000 },
+  connectionTimeout: { kind: 'milliseconds', default: 30_000, momentum: 'connect_timeout' },
+  greetingTimeout: { kind: 'milliseconds', default: 30_000 },
+  socketTimeout: { kind: 'milliseconds', default: 300_000 },
+  maxAttempts: { kind: 'positive', default: 3 },
+  connectBackoff: { kind: 'milliseconds', default: 1_000 },
+  maxConnectBackoff: { kind: 'milliseconds', default: 60_000 },
+  route: { kind: 'route', default: undefined },
+  tlsOptions: { kind: 'tls', default: undefined },
+} as const satisfies Record<keyof ScopedOptions, ScopedOptionSpec>;
+
+export type ScopedOptionName = keyof typeof SCOPED_OPTIONS;
+export const SCOPED_OPTION_NAMES = Object.keys(SCOPED_OPTIONS) as ScopedOptionName[];
+
+/** Every scoped option with its value after resolution. */
+export type ResolvedOptions = Required<Omit<ScopedOptions, 'route' | 'tlsOptions'>> &
+  Pick<ScopedOptions, 'route' | 'tlsOptions'>;

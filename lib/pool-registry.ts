@@ -1,0 +1,301 @@
+/**
+ * Pools of connections, one per (binding, destination domain), created on first use and dropped
+ * when idle. Each pool is a generic-pool with the guards generic-pool lacks:
+ *
+ * - A factory create() that rejects is retried by generic-pool in a tight loop while sends wait.
+ *   Here create() never rejects: a failed connect resolves to a ConnectFailure entry that the
+ *   waiting acquire turns into an ECONNECT error, and for a backoff period after a failure
+ *   create() hands out such entries without dialing. A dead destination costs one connect
+ *   attempt per backoff period, not a busy loop.
+ * - Every acquire is bounded by `acquireTimeout`.
+ * - drain() destroys nothing: close() drains and then clears, and waits for every socket.
+ */
+import { createPool, type Pool } from 'generic-pool';
+import { BindingPoolError, describeError } from './errors';
+import type { CountingConnection, RetireReason } from './connection';
+import { poolLog } from './log';
+
+export interface PoolSettings {
+  maxConnections: number;
+  acquireTimeout: number;
+  idleTimeout: number;
+  connectBackoff: number;
+  maxConnectBackoff: number;
+}
+
+/** Opens a connection for a pool; rejects with the connect error. */
+export type Connector = () => Promise<CountingConnection>;
+
+export interface PoolSpec {
+  settings: PoolSettings;
+  connect: Connector;
+}
+
+/** A connection's life, reported when it closes. */
+export interface ConnectionSummary {
+  id: string;
+  binding: string;
+  domain: string;
+  host: string;
+  localAddress: string | undefined;
+  encrypted: boolean;
+  transactions: number;
+  deliveries: number;
+  recipients: number;
+  reason: RetireReason;
+}
+
+export interface PoolStats {
+  binding: string;
+  domain: string;
+  /** Connections open now, and of those, in use. */
+  open: number;
+  busy: number;
+  /** Sends waiting for a connection. */
+  waiting: number;
+  /** Open connections that are TLS-encrypted. */
+  encrypted: number;
+  opened: number;
+  connectFailures: number;
+  transactions: number;
+  deliveries: number;
+  recipients: number;
+  retired: Partial<Record<RetireReason, number>>;
+}
+
+/** Stands in a pool for a connect that failed, so create() never rejects (see above). */
+class ConnectFailure {
+  constructor(readonly error: BindingPoolError) {}
+}
+
+type PoolEntry = CountingConnection | ConnectFailure;
+
+export class DestinationPool {
+  readonly binding: string;
+  readonly domain: string;
+  private readonly settings: PoolSettings;
+  private readonly connect: Connector;
+  private readonly pool: Pool<PoolEntry>;
+  private readonly live = new Set<CountingConnection>();
+  private readonly totals = { opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 };
+  private readonly retired: Partial<Record<RetireReason, number>> = {};
+  private consecutiveFailures = 0;
+  private backoffUntil = 0;
+  private lastConnectError: unknown;
+  private closing = false;
+  private idleTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    binding: string,
+    domain: string,
+    spec: PoolSpec,
+    private readonly onConnectionClosed: (summary: ConnectionSummary) => void,
+    private readonly onIdle: (pool: DestinationPool) => void,
+  ) {
+    this.binding = binding;
+    this.domain = domain;
+    this.settings = spec.settings;
+    this.connect = spec.connect;
+    const { maxConnections, acquireTimeout, idleTimeout } = this.settings;
+    this.pool = createPool<PoolEntry>(
+      {
+        create: () => this.create(),
+        destroy: (entry) => this.destroy(entry),
+        validate: async (entry) => entry instanceof ConnectFailure || entry.usable,
+      },
+      {
+        max: maxConnections,
+        min: 0,
+        acquireTimeoutMillis: acquireTimeout,
+        testOnBorrow: true,
+        // Most recently used first, so a trickle keeps one connection warm and the rest idle out.
+        fifo: false,
+        idleTimeoutMillis: idleTimeout,
+        // Without an eviction run idleTimeoutMillis does nothing.
+        evictionRunIntervalMillis: Math.max(1_000, Math.floor(idleTimeout / 2)),
+        numTestsPerEvictionRun: maxConnections,
+      },
+    );
+  }
+
+  /** A connection for one transaction; rejects with ECONNECT or EACQUIRE. */
+  async acquire(): Promise<CountingConnection> {
+    if (this.closing) throw new BindingPoolError('ECLOSED', 'the transport is closing');
+    clearTimeout(this.idleTimer);
+    let entry: PoolEntry;
+    try {
+      entry = await this.pool.acquire();
+    } catch (err) {
+      this.armIdleTimer();
+      throw new BindingPoolError('EACQUIRE', `no connection to ${this.domain} became free within ${this.settings.acquireTimeout} ms (${describeError(err)})`, { cause: err });
+    }
+    if (entry instanceof ConnectFailure) {
+      await this.pool.destroy(entry);
+      this.armIdleTimer();
+      throw entry.error;
+    }
+    return entry;
+  }
+
+  /** Takes a connection back after a transaction; a retired or broken one is closed. */
+  release(connection: CountingConnection): void {
+    const done = connection.usable ? this.pool.release(connection) : this.pool.destroy(connection);
+    done.then(() => this.armIdleTimer(), () => this.armIdleTimer());
+  }
+
+  /** No connection lent out, no send waiting. */
+  get idle(): boolean {
+    return this.pool.borrowed === 0 && this.pool.pending === 0;
+  }
+
+  stats(): PoolStats {
+    const sum = { ...this.totals };
+    let encrypted = 0;
+    for (const connection of this.live) {
+      sum.transactions += connection.transactions;
+      sum.deliveries += connection.deliveries;
+      sum.recipients += connection.recipients;
+      if (connection.encrypted) encrypted++;
+    }
+    return {
+      binding: this.binding,
+      domain: this.domain,
+      open: this.live.size,
+      busy: this.pool.borrowed,
+      waiting: this.pool.pending,
+      encrypted,
+      ...sum,
+      retired: { ...this.retired },
+    };
+  }
+
+  /** Lets lent connections come back, then QUITs every connection; resolves when all sockets are gone. */
+  async close(): Promise<void> {
+    this.closing = true;
+    clearTimeout(this.idleTimer);
+    await this.pool.drain();
+    await this.pool.clear();
+  }
+
+  private armIdleTimer(): void {
+    if (this.closing || !this.idle) return;
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => {
+      if (this.idle) this.onIdle(this);
+    }, this.settings.idleTimeout).unref();
+  }
+
+  private async create(): Promise<PoolEntry> {
+    const now = Date.now();
+    if (now < this.backoffUntil) {
+      return new ConnectFailure(
+        new BindingPoolError(
+          'ECONNECT',
+          `connecting to ${this.domain} failed ${this.consecutiveFailures} time(s) in a row; next attempt in ${this.backoffUntil - now} ms (last error: ${describeError(this.lastConnectError)})`,
+          { cause: this.lastConnectError },
+        ),
+      );
+    }
+    try {
+      const connection = await this.connect();
+      this.consecutiveFailures = 0;
+      this.backoffUntil = 0;
+      this.totals.opened++;
+      this.live.add(connection);
+      return connection;
+    } catch (err) {
+      this.totals.connectFailures++;
+      this.consecutiveFailures++;
+      this.lastConnectError = err;
+      const pause = Math.min(this.settings.connectBackoff * 2 ** (this.consecutiveFailures - 1), this.settings.maxConnectBackoff);
+      this.backoffUntil = Date.now() + pause;
+      poolLog('%s/%s connect failed (%d in a row), backing off %d ms: %s', this.binding, this.domain, this.consecutiveFailures, pause, describeError(err));
+      return new ConnectFailure(new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, { cause: err }));
+    }
+  }
+
+  private async destroy(entry: PoolEntry): Promise<void> {
+    if (entry instanceof ConnectFailure) return;
+    const reason: RetireReason = this.closing ? 'shutdown' : entry.usable ? 'idle' : 'serverClosed';
+    await entry.close(reason);
+    this.live.delete(entry);
+    const finalReason = entry.retireReason ?? reason;
+    this.retired[finalReason] = (this.retired[finalReason] ?? 0) + 1;
+    this.totals.transactions += entry.transactions;
+    this.totals.deliveries += entry.deliveries;
+    this.totals.recipients += entry.recipients;
+    this.onConnectionClosed({
+      id: entry.id,
+      binding: this.binding,
+      domain: this.domain,
+      host: `${entry.target.host}:${entry.target.port}`,
+      localAddress: entry.target.localAddress,
+      encrypted: entry.encrypted,
+      transactions: entry.transactions,
+      deliveries: entry.deliveries,
+      recipients: entry.recipients,
+      reason: finalReason,
+    });
+  }
+}
+
+/** Figures of pools already dropped, so stats() covers the transport's whole life. */
+export interface DroppedPoolTotals {
+  pools: number;
+  opened: number;
+  connectFailures: number;
+  transactions: number;
+  deliveries: number;
+  recipients: number;
+}
+
+export class PoolRegistry {
+  private readonly pools = new Map<string, DestinationPool>();
+  private readonly dropped: DroppedPoolTotals = { pools: 0, opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 };
+  private readonly closingPools = new Set<Promise<void>>();
+
+  constructor(
+    private readonly specFor: (binding: string, domain: string) => PoolSpec,
+    private readonly onConnectionClosed: (summary: ConnectionSummary) => void,
+  ) {}
+
+  /** The pool for a (binding, domain) pair, created on first use. */
+  get(binding: string, domain: string): DestinationPool {
+    const key = `${binding}\0${domain}`;
+    let pool = this.pools.get(key);
+    if (!pool) {
+      pool = new DestinationPool(binding, domain, this.specFor(binding, domain), this.onConnectionClosed, (idle) => this.drop(key, idle));
+      this.pools.set(key, pool);
+      poolLog('pool %s/%s created (%d pools)', binding, domain, this.pools.size);
+    }
+    return pool;
+  }
+
+  get size(): number {
+    return this.pools.size;
+  }
+
+  stats(): { pools: PoolStats[]; droppedPools: DroppedPoolTotals } {
+    return { pools: [...this.pools.values()].map((pool) => pool.stats()), droppedPools: { ...this.dropped } };
+  }
+
+  /** Closes every pool; resolves when every connection is closed. */
+  async close(): Promise<void> {
+    const closing = [...this.pools.values()].map((pool) => pool.close());
+    this.pools.clear();
+    await Promise.all([...closing, ...this.closingPools]);
+  }
+
+  private drop(key: string, pool: DestinationPool): void {
+    if (this.pools.get(key) !== pool) return;
+    this.pools.delete(key);
+    poolLog('pool %s/%s idle, dropped (%d pools left)', pool.binding, pool.domain, this.pools.size);
+    const closing = pool.close().then(() => {
+      const figures = pool.stats();
+      this.dropped.pools++;
+      for (const field of ['opened', 'connectFailures', 'transactions', 'deliveries', 'recipients'] as const) this.dropped[field] += figures[field];
+      this.closingPools.delete(closing);
+    });
+    this.closingPools.add(closing);
+  }
+}

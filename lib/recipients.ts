@@ -1,0 +1,88 @@
+/**
+ * Envelope addresses: checking them and grouping recipients by destination domain. Domains are
+ * compared case-insensitively, internationalised ones in their ASCII (punycode) form.
+ */
+import { domainToASCII } from 'node:url';
+import { BindingPoolError } from './errors';
+
+/** RFC 5321 4.5.3.1: 64 octets of local part, 255 of domain, 256 of path (with the brackets). */
+const MAX_LOCAL_PART = 64;
+const MAX_ADDRESS = 254;
+
+/** Characters that would end or smuggle an SMTP command line. */
+const INJECTION = /[\r\n\0<>]/;
+
+export interface Recipient {
+  /** The address as the message gave it; results report this form. */
+  readonly address: string;
+  /** What goes into RCPT TO: the local part with the ASCII domain. */
+  readonly rcpt: string;
+  readonly domain: string;
+}
+
+/** A recipient that cannot be sent to, with the reason. */
+export interface InvalidRecipient {
+  readonly address: string;
+  readonly reason: string;
+}
+
+/** The lower-case ASCII form of a domain, or '' when it is not a valid domain name. */
+export function normalizeDomain(domain: string): string {
+  if (typeof domain !== 'string' || domain === '' || /[\s\0@]/.test(domain)) return '';
+  const ascii = domainToASCII(domain.replace(/\.$/, '')).toLowerCase();
+  if (!ascii || ascii.length > 253 || (!ascii.includes('.') && !/^[a-z0-9-]+$/.test(ascii))) return '';
+  return ascii;
+}
+
+/**
+ * Throws when an address could inject SMTP commands: the whole message is refused then, since a
+ * caller passing such an address is not passing what it thinks it is.
+ */
+export function assertNoInjection(address: string, role: 'sender' | 'recipient'): void {
+  if (INJECTION.test(address)) {
+    throw new BindingPoolError('EADDRESS', `${role} ${JSON.stringify(address)} contains CR, LF, NUL or angle brackets; nothing of this message was sent`);
+  }
+}
+
+/** Parses one recipient; invalid ones come back with the reason so the rest can still go out. */
+export function parseRecipient(address: string): Recipient | InvalidRecipient {
+  const at = address.lastIndexOf('@');
+  if (at <= 0 || at === address.length - 1) return { address, reason: 'has no local part or no domain' };
+  const local = address.slice(0, at);
+  if (local.length > MAX_LOCAL_PART) return { address, reason: `local part is longer than ${MAX_LOCAL_PART} characters` };
+  const domain = normalizeDomain(address.slice(at + 1));
+  if (!domain) return { address, reason: `domain ${JSON.stringify(address.slice(at + 1))} is not a valid domain name` };
+  const rcpt = `${local}@${domain}`;
+  if (rcpt.length > MAX_ADDRESS) return { address, reason: `is longer than ${MAX_ADDRESS} characters` };
+  return { address, rcpt, domain };
+}
+
+export interface GroupedRecipients {
+  byDomain: Map<string, Recipient[]>;
+  invalid: InvalidRecipient[];
+}
+
+/**
+ * Groups an envelope's recipients by domain. A recipient listed twice (case-insensitive domain,
+ * exact local part) is kept once, so it is neither delivered nor reported twice.
+ */
+export function groupByDomain(addresses: readonly string[]): GroupedRecipients {
+  const byDomain = new Map<string, Recipient[]>();
+  const invalid: InvalidRecipient[] = [];
+  const seen = new Set<string>();
+  for (const address of addresses) {
+    assertNoInjection(address, 'recipient');
+    const parsed = parseRecipient(address);
+    if ('reason' in parsed) {
+      if (!seen.has(address)) invalid.push(parsed);
+      seen.add(address);
+      continue;
+    }
+    if (seen.has(parsed.rcpt)) continue;
+    seen.add(parsed.rcpt);
+    let group = byDomain.get(parsed.domain);
+    if (!group) byDomain.set(parsed.domain, (group = []));
+    group.push(parsed);
+  }
+  return { byDomain, invalid };
+}

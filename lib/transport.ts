@@ -1,0 +1,232 @@
+/**
+ * The Nodemailer glue: a Transport that builds each message once, groups its recipients by
+ * destination domain, picks the message's binding, and delivers every domain's share over the
+ * pool for that (binding, domain) pair. It turns the per-domain outcomes into Nodemailer's info
+ * (or error) shape.
+ */
+import { EventEmitter } from 'node:events';
+import { buffer as readAll } from 'node:stream/consumers';
+import type { MailMessage, SentMessageInfo, Transport } from 'nodemailer';
+import { ScopeResolver, type Binding } from './config';
+import { deliverToDomain, emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery';
+import { BindingPoolError, describeError } from './errors';
+import { transportLog } from './log';
+import type { BindingChoice, BindingPoolOptions, ResolvedOptions } from './options';
+import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
+import { assertNoInjection, groupByDomain } from './recipients';
+import { connectorFor, hopsFor } from './routing';
+
+export const VERSION = '0.1.0';
+
+export interface BindingPoolSentMessageInfo extends SentMessageInfo {
+  envelope: { from: string | false; to: string[] };
+  messageId: string;
+  accepted: string[];
+  rejected: string[];
+  pending: string[];
+  /** The last accepting server reply, or the last reply of any kind when none accepted. */
+  response: string;
+  /** Per destination domain: binding, hosts, and every recipient's outcome with its reply. */
+  domains: DomainResult[];
+}
+
+/** The error a send rejects with when no recipient was accepted; carries the same breakdown. */
+export interface BindingPoolSendError extends BindingPoolError {
+  accepted: string[];
+  rejected: string[];
+  pending: string[];
+  response: string;
+  domains: DomainResult[];
+}
+
+export interface TransportStats {
+  /** Live pools, one per (binding, domain) pair. */
+  pools: PoolStats[];
+  /** Totals of pools already dropped for idleness. */
+  droppedPools: DroppedPoolTotals;
+  /** Sends in progress. */
+  sending: number;
+}
+
+type SendCallback = (err: Error | null, info?: BindingPoolSentMessageInfo) => void;
+
+/** The domain key under which recipients with an unparseable address are reported. */
+const INVALID_ADDRESSES = '';
+
+export class BindingPoolTransport extends EventEmitter implements Transport<BindingPoolSentMessageInfo> {
+  readonly name = 'BindingPool';
+  readonly version = VERSION;
+  private readonly scopes: ScopeResolver;
+  private readonly registry: PoolRegistry;
+  private readonly inFlight = new Set<Promise<unknown>>();
+  private closed = false;
+  private closing: Promise<void> | undefined;
+
+  constructor(options: BindingPoolOptions = {}) {
+    super();
+    this.scopes = new ScopeResolver(options);
+    this.registry = new PoolRegistry(
+      (bindingName, domain) => {
+        const binding = this.scopes.binding(bindingName)!;
+        const resolved = this.scopes.resolve(binding, domain);
+        return {
+          settings: {
+            maxConnections: resolved.maxOutboundConnections,
+            acquireTimeout: resolved.acquireTimeout,
+            idleTimeout: resolved.idleTimeout,
+            connectBackoff: resolved.connectBackoff,
+            maxConnectBackoff: resolved.maxConnectBackoff,
+          },
+          connect: connectorFor(binding, domain, resolved),
+        };
+      },
+      (summary: ConnectionSummary) => this.emit('connectionClosed', summary),
+    );
+  }
+
+  /** Nodemailer's entry point. */
+  send(mail: MailMessage<BindingPoolSentMessageInfo>, callback: SendCallback): void {
+    if (this.closed) {
+      callback(new BindingPoolError('ECLOSED', 'the transport is closed; nothing of this message was sent'));
+      return;
+    }
+    const sending = this.deliver(mail).then(
+      (info) => callback(null, info),
+      (err: Error) => callback(err),
+    );
+    this.inFlight.add(sending);
+    sending.finally(() => {
+      this.inFlight.delete(sending);
+      if (this.isIdle()) this.emit('idle');
+    });
+  }
+
+  /** True while fewer sends are in progress than one pool has connections. */
+  isIdle(): boolean {
+    return !this.closed && this.inFlight.size < this.scopes.options.maxOutboundConnections!;
+  }
+
+  stats(): TransportStats {
+    return { ...this.registry.stats(), sending: this.inFlight.size };
+  }
+
+  /**
+   * Checks that every configured route accepts a connection (the options were checked when the
+   * transport was built). Resolves true, or rejects naming the route that failed.
+   */
+  verify(callback?: (err: Error | null, success?: true) => void): Promise<true> {
+    const checking = this.verifyRoutes();
+    if (callback) checking.then((ok) => callback(null, ok), (err: Error) => callback(err));
+    return checking;
+  }
+
+  /** Stops taking sends, lets sends in flight finish, QUITs every connection; resolves when no socket is left. */
+  close(callback?: () => void): Promise<void> {
+    this.closed = true;
+    this.closing ??= (async () => {
+      while (this.inFlight.size > 0) await Promise.allSettled([...this.inFlight]);
+      await this.registry.close();
+      transportLog('closed');
+    })();
+    if (callback) this.closing.then(callback, callback);
+    return this.closing;
+  }
+
+  private async deliver(mail: MailMessage<BindingPoolSentMessageInfo>): Promise<BindingPoolSentMessageInfo> {
+    const data = mail.data as typeof mail.data & BindingChoice;
+    // Everything that can refuse the message as a whole is checked before a byte goes out.
+    const binding = this.scopes.bindingFor(data);
+    const envelope = mail.message.getEnvelope();
+    const from = envelope.from || '';
+    assertNoInjection(from, 'sender');
+    const { byDomain, invalid } = groupByDomain(envelope.to);
+    if (byDomain.size === 0 && invalid.length === 0) throw new BindingPoolError('ENORECIPIENTS', 'the message has no recipients');
+
+    let message: Buffer;
+    try {
+      message = await readAll(mail.message.createReadStream());
+    } catch (err) {
+      throw new BindingPoolError('EMESSAGE', `the message could not be built: ${describeError(err)}; nothing was sent`, { cause: err });
+    }
+    const messageId = mail.message.messageId();
+    transportLog('%s: %d recipient(s), %d domain(s), binding %s', messageId, envelope.to.length, byDomain.size, binding.name);
+
+    const deliveries = [...byDomain].map(([domain, recipients]) => {
+      const options = this.scopes.resolve(binding, domain);
+      return this.deliverDomain(binding, domain, options, recipients, { from, size: message.length, dsn: data.dsn }, message);
+    });
+    const domains = await Promise.all(deliveries);
+    if (invalid.length > 0) {
+      const unparsed = emptyDomainResult(INVALID_ADDRESSES, binding.name);
+      unparsed.rejected = invalid.map(({ address, reason }) => ({ recipient: address, status: 'rejected', response: `invalid address: ${reason}` }));
+      domains.push(unparsed);
+    }
+    return summarize(domains, { from: envelope.from, to: envelope.to }, messageId);
+  }
+
+  private deliverDomain(
+    binding: Binding,
+    domain: string,
+    options: ResolvedOptions,
+    recipients: Parameters<typeof deliverToDomain>[0]['recipients'],
+    envelope: Parameters<typeof deliverToDomain>[0]['envelope'],
+    message: Buffer,
+  ): Promise<DomainResult> {
+    try {
+      hopsFor(domain, options);
+    } catch (err) {
+      // No route is a configuration gap, not the receiver's verdict: pending, not rejected.
+      const result = emptyDomainResult(domain, binding.name);
+      result.pending = recipients.map((r) => ({ recipient: r.address, status: 'pending', response: describeError(err) }));
+      return Promise.resolve(result);
+    }
+    return deliverToDomain({
+      domain,
+      binding: binding.name,
+      pool: this.registry.get(binding.name, domain),
+      envelope,
+      message,
+      recipients,
+      maxAttempts: options.maxAttempts,
+      maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
+      maxConnections: options.maxOutboundConnections,
+    });
+  }
+
+  private async verifyRoutes(): Promise<true> {
+    for (const { path, route, binding: bindingName } of this.scopes.configuredRoutes()) {
+      const binding = this.scopes.binding(bindingName)!;
+      const options: ResolvedOptions = { ...this.scopes.resolve(binding, route.host), route };
+      try {
+        const connection = await connectorFor(binding, route.host, options)();
+        await connection.close('shutdown');
+      } catch (err) {
+        throw new BindingPoolError('ECONNECT', `${path} (${route.host}:${route.port ?? 25}) did not accept a connection: ${describeError(err)}`, { cause: err });
+      }
+    }
+    return true;
+  }
+}
+
+function summarize(domains: DomainResult[], envelope: { from: string | false; to: string[] }, messageId: string): BindingPoolSentMessageInfo {
+  const pick = (status: 'accepted' | 'rejected' | 'pending'): RecipientOutcome[] => domains.flatMap((d) => d[status]);
+  const accepted = pick('accepted');
+  const rejected = pick('rejected');
+  const pending = pick('pending');
+  const last = accepted.at(-1) ?? pending.at(-1) ?? rejected.at(-1);
+  const info: BindingPoolSentMessageInfo = {
+    envelope,
+    messageId,
+    accepted: accepted.map((o) => o.recipient),
+    rejected: rejected.map((o) => o.recipient),
+    pending: pending.map((o) => o.recipient),
+    response: last?.response ?? '',
+    domains,
+  };
+  if (accepted.length > 0) return info;
+  const code = pending.length > 0 ? 'EPENDING' : 'EREJECTED';
+  const what = pending.length > 0 ? `${pending.length} pending, ${rejected.length} rejected` : `all ${rejected.length} rejected`;
+  const err = new BindingPoolError(code, `no recipient was accepted (${what}): ${info.response}`) as BindingPoolSendError;
+  Object.assign(err, { accepted: [], rejected: info.rejected, pending: info.pending, response: info.response, domains, envelope, messageId });
+  throw err;
+}

@@ -1,0 +1,220 @@
+/**
+ * Checks the options a transport is built with, and normalises domain keys. Every problem throws
+ * a ConfigError naming the exact option path, so a typo is found at startup and not at the first
+ * send to the domain it concerns.
+ */
+import { isIP } from 'node:net';
+import { ConfigError } from './errors';
+import { normalizeDomain } from './recipients';
+import {
+  SCOPED_OPTIONS,
+  SCOPED_OPTION_NAMES,
+  type BindingGroupOptions,
+  type BindingOptions,
+  type BindingPoolOptions,
+  type DomainOptions,
+  type ScopedOptions,
+} from './options';
+
+const TOP_LEVEL_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'bindingGroups', 'domains', 'defaultBinding', 'selectBinding', 'name'];
+const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
+const GROUP_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'domains'];
+const ROUTE_KEYS = ['host', 'port', 'secure', 'auth', 'requireTLS', 'ignoreTLS', 'tls', 'lmtp'];
+
+/** The name of the binding that exists when the options define none of that name. */
+export const BUILT_IN_BINDING = 'default';
+
+/** Options after checking: the same shape, with domain keys in their lower-case ASCII form. */
+export type CheckedOptions = BindingPoolOptions & {
+  bindings: Record<string, BindingOptions>;
+  bindingGroups: Record<string, BindingGroupOptions>;
+  domains: Record<string, DomainOptions>;
+  defaultBinding: string;
+};
+
+/** `a.b["x.y"]`: dots for identifier-like keys, brackets for the rest. */
+export function childPath(parent: string, key: string): string {
+  const part = /^[A-Za-z_$][\w$-]*$/.test(key) ? `.${key}` : `[${JSON.stringify(key)}]`;
+  return parent ? parent + part : part.replace(/^\./, '');
+}
+
+export function checkOptions(input: unknown): CheckedOptions {
+  const options = checkObject(input, 'options');
+  checkKeys(options, TOP_LEVEL_KEYS, '');
+  checkScoped(options, '');
+  if (options.name !== undefined) checkHostName(options.name, 'name');
+  if (options.selectBinding !== undefined && typeof options.selectBinding !== 'function') {
+    throw new ConfigError('selectBinding', 'must be a function');
+  }
+
+  const bindings: Record<string, BindingOptions> = {};
+  for (const [name, value] of entries(options.bindings, 'bindings')) {
+    const path = childPath('bindings', name);
+    const raw = checkObject(value, path);
+    checkKeys(raw, BINDING_KEYS, path);
+    checkScoped(raw, path);
+    const binding = raw as BindingOptions;
+    if (binding.localAddress !== undefined && (typeof binding.localAddress !== 'string' || !isIP(binding.localAddress))) {
+      throw new ConfigError(childPath(path, 'localAddress'), `must be an IPv4 or IPv6 address, got ${JSON.stringify(binding.localAddress)}`);
+    }
+    if (binding.name !== undefined) checkHostName(binding.name, childPath(path, 'name'));
+    bindings[name] = { ...binding, domains: checkDomains(binding.domains, childPath(path, 'domains')) };
+  }
+
+  const groupOf = new Map<string, string>();
+  const bindingGroups: Record<string, BindingGroupOptions> = {};
+  for (const [name, value] of entries(options.bindingGroups, 'bindingGroups')) {
+    const path = childPath('bindingGroups', name);
+    const raw = checkObject(value, path);
+    checkKeys(raw, GROUP_KEYS, path);
+    checkScoped(raw, path);
+    const group = raw as unknown as BindingGroupOptions;
+    if (name in bindings) throw new ConfigError(path, `the name ${JSON.stringify(name)} is already a binding's; names must be unique`);
+    const members = group.bindings as unknown;
+    const membersPath = childPath(path, 'bindings');
+    if (!Array.isArray(members) || members.length === 0) throw new ConfigError(membersPath, 'must be a non-empty array of binding names');
+    members.forEach((member: unknown, i: number) => {
+      const memberPath = `${membersPath}[${i}]`;
+      if (typeof member !== 'string' || !(member in bindings)) {
+        throw new ConfigError(memberPath, `names no binding${suggestion(String(member), Object.keys(bindings))}`);
+      }
+      const other = groupOf.get(member);
+      if (other !== undefined) {
+        throw new ConfigError(memberPath, `binding ${JSON.stringify(member)} already belongs to group ${JSON.stringify(other)}; a binding belongs to at most one group`);
+      }
+      groupOf.set(member, name);
+    });
+    bindingGroups[name] = { ...group, domains: checkDomains(group.domains, childPath(path, 'domains')) };
+  }
+
+  const defaultBinding = options.defaultBinding ?? BUILT_IN_BINDING;
+  if (typeof defaultBinding !== 'string') throw new ConfigError('defaultBinding', 'must be a binding or binding group name');
+  if (defaultBinding !== BUILT_IN_BINDING && !(defaultBinding in bindings) && !(defaultBinding in bindingGroups)) {
+    throw new ConfigError('defaultBinding', `names no binding or binding group${suggestion(defaultBinding, [...Object.keys(bindings), ...Object.keys(bindingGroups)])}`);
+  }
+
+  return {
+    ...(options as BindingPoolOptions),
+    bindings,
+    bindingGroups,
+    domains: checkDomains(options.domains, 'domains'),
+    defaultBinding,
+  };
+}
+
+function checkDomains(value: unknown, path: string): Record<string, DomainOptions> {
+  const result: Record<string, DomainOptions> = {};
+  for (const [key, stanza] of entries(value, path)) {
+    const stanzaPath = childPath(path, key);
+    const domain = normalizeDomain(key);
+    if (!domain) throw new ConfigError(stanzaPath, 'is not a valid domain name');
+    if (domain in result) throw new ConfigError(stanzaPath, `repeats domain ${JSON.stringify(domain)}`);
+    const options = checkObject(stanza, stanzaPath);
+    checkKeys(options, SCOPED_OPTION_NAMES, stanzaPath);
+    checkScoped(options, stanzaPath);
+    result[domain] = options as DomainOptions;
+  }
+  return result;
+}
+
+function checkScoped(scope: Record<string, unknown>, path: string): void {
+  for (const name of SCOPED_OPTION_NAMES) {
+    const value = scope[name as keyof ScopedOptions];
+    if (value === undefined) continue;
+    const optionPath = childPath(path, name);
+    switch (SCOPED_OPTIONS[name].kind) {
+      case 'count':
+        if (!Number.isInteger(value) || (value as number) < 0) throw new ConfigError(optionPath, `must be a whole number ≥ 0 (0 = no limit), got ${show(value)}`);
+        break;
+      case 'positive':
+        if (!Number.isInteger(value) || (value as number) < 1) throw new ConfigError(optionPath, `must be a whole number ≥ 1, got ${show(value)}`);
+        break;
+      case 'milliseconds':
+        if (!Number.isInteger(value) || (value as number) < 1) throw new ConfigError(optionPath, `must be a whole number of milliseconds ≥ 1, got ${show(value)}`);
+        break;
+      case 'route':
+        checkRoute(value, optionPath);
+        break;
+      case 'tls':
+        checkObject(value, optionPath);
+        break;
+    }
+  }
+}
+
+function checkRoute(value: unknown, path: string): void {
+  const route = checkObject(value, path);
+  checkKeys(route, ROUTE_KEYS, path);
+  if (typeof route.host !== 'string' || route.host.trim() === '' || /[\s\0]/.test(route.host)) {
+    throw new ConfigError(childPath(path, 'host'), `must be a host name or IP address, got ${show(route.host)}`);
+  }
+  if (route.port !== undefined && (!Number.isInteger(route.port) || (route.port as number) < 1 || (route.port as number) > 65535)) {
+    throw new ConfigError(childPath(path, 'port'), `must be a port number 1–65535, got ${show(route.port)}`);
+  }
+  for (const flag of ['secure', 'requireTLS', 'ignoreTLS', 'lmtp']) {
+    if (route[flag] !== undefined && typeof route[flag] !== 'boolean') throw new ConfigError(childPath(path, flag), `must be true or false, got ${show(route[flag])}`);
+  }
+  if (route.tls !== undefined) checkObject(route.tls, childPath(path, 'tls'));
+  if (route.auth !== undefined) {
+    const authPath = childPath(path, 'auth');
+    const auth = checkObject(route.auth, authPath);
+    checkKeys(auth, ['user', 'pass'], authPath);
+    // The values are never echoed: they are credentials.
+    if (typeof auth.user !== 'string') throw new ConfigError(childPath(authPath, 'user'), 'must be a string');
+    if (typeof auth.pass !== 'string') throw new ConfigError(childPath(authPath, 'pass'), 'must be a string');
+  }
+}
+
+function checkHostName(value: unknown, path: string): void {
+  if (typeof value !== 'string' || !/^[A-Za-z0-9.\-[\]:]+$/.test(value)) {
+    throw new ConfigError(path, `must be a host name for EHLO, got ${show(value)}`);
+  }
+}
+
+function checkObject(value: unknown, path: string): Record<string, unknown> {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) throw new ConfigError(path || 'options', `must be an object, got ${show(value)}`);
+  return value as Record<string, unknown>;
+}
+
+function entries(value: unknown, path: string): [string, unknown][] {
+  if (value === undefined) return [];
+  return Object.entries(checkObject(value, path));
+}
+
+function checkKeys(value: Record<string, unknown>, allowed: readonly string[], path: string): void {
+  for (const key of Object.keys(value)) {
+    if (!allowed.includes(key)) throw new ConfigError(childPath(path, key), `unknown option${suggestion(key, allowed)}`);
+  }
+}
+
+/** ` (did you mean "x"?)` for the nearest allowed name, when one is near enough to be a typo. */
+export function suggestion(name: string, allowed: readonly string[]): string {
+  let best: string | undefined;
+  let bestDistance = Infinity;
+  for (const candidate of allowed) {
+    const distance = editDistance(name.toLowerCase(), candidate.toLowerCase());
+    if (distance < bestDistance) {
+      best = candidate;
+      bestDistance = distance;
+    }
+  }
+  return best !== undefined && bestDistance <= Math.max(2, Math.floor(name.length / 3)) ? ` (did you mean ${JSON.stringify(best)}?)` : '';
+}
+
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, i) => i);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    previous = current;
+  }
+  return previous[b.length];
+}
+
+function show(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value);
+  if (value === null || typeof value !== 'object') return String(value);
+  return Array.isArray(value) ? 'an array' : 'an object';
+}

@@ -1,0 +1,153 @@
+/**
+ * A real SMTP server (smtp-server) on loopback that records what it saw, per connection: where
+ * the client connected from, its EHLO name, every transaction with the RCPTs it was sent and
+ * accepted, and whether the message was accepted. Tests assert on this record, not only on what
+ * the client reports.
+ */
+import type { AddressInfo } from 'node:net';
+import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
+
+export interface SeenTransaction {
+  from: string;
+  /** Every RCPT TO the client sent, accepted or not. */
+  rcptAttempts: string[];
+  /** Recipients the server accepted at RCPT. */
+  rcptAccepted: string[];
+  /** True when the server answered the final dot with 250. */
+  delivered: boolean;
+  subject?: string;
+}
+
+export interface SeenConnection {
+  id: string;
+  remoteAddress: string;
+  ehloName: string;
+  transactions: SeenTransaction[];
+  secure: boolean;
+  closed: boolean;
+}
+
+export interface Behaviour {
+  /** Answer `421 too many messages in this connection` to MAIL FROM after this many accepted messages on a connection (Exim's limit). */
+  messagesPerConnection?: number;
+  /** Reply for a RCPT: return a code and text to refuse it, undefined to accept. */
+  rcpt?: (address: string, connection: SeenConnection) => { code: number; message: string } | undefined;
+  /** Reply for the final dot: return a code and text to refuse the message. */
+  data?: (transaction: SeenTransaction, connection: SeenConnection) => { code: number; message: string } | undefined;
+  /** Drop the socket instead of answering the final dot of the n-th message (1-based, across the server). */
+  dropBeforeDataReplyOn?: number;
+  /** Extra smtp-server options. */
+  server?: Partial<SMTPServerOptions>;
+}
+
+export class RecordingServer {
+  readonly connections: SeenConnection[] = [];
+  /** Total messages whose final dot was reached, across connections. */
+  private dataCount = 0;
+  private readonly byId = new Map<string, SeenConnection>();
+  private server!: SMTPServer;
+  port = 0;
+
+  constructor(
+    readonly host = '127.0.0.1',
+    private readonly behaviour: Behaviour = {},
+  ) {}
+
+  static async start(host = '127.0.0.1', behaviour: Behaviour = {}): Promise<RecordingServer> {
+    const server = new RecordingServer(host, behaviour);
+    await server.listen();
+    return server;
+  }
+
+  /** Every accepted (message subject or index, recipient) pair, for duplicate checks. */
+  deliveredRecipients(): string[] {
+    return this.connections.flatMap((c) => c.transactions.filter((t) => t.delivered).flatMap((t) => t.rcptAccepted));
+  }
+
+  totalDelivered(): number {
+    return this.deliveredRecipients().length;
+  }
+
+  async stop(): Promise<void> {
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  private connection(session: SMTPServerSession): SeenConnection {
+    return this.byId.get(session.id)!;
+  }
+
+  private listen(): Promise<void> {
+    const behaviour = this.behaviour;
+    this.server = new SMTPServer({
+      authOptional: true,
+      disabledCommands: ['STARTTLS'],
+      logger: false,
+      // Lets the test close it without waiting for clients to go away.
+      closeTimeout: 100,
+      onConnect: (session, callback) => {
+        const seen: SeenConnection = { id: session.id, remoteAddress: session.remoteAddress, ehloName: '', transactions: [], secure: session.secure, closed: false };
+        this.byId.set(session.id, seen);
+        this.connections.push(seen);
+        callback();
+      },
+      onMailFrom: (address, session, callback) => {
+        const seen = this.connection(session);
+        seen.ehloName = session.hostNameAppearsAs;
+        const delivered = seen.transactions.filter((t) => t.delivered).length;
+        if (behaviour.messagesPerConnection !== undefined && delivered >= behaviour.messagesPerConnection) {
+          return callback(Object.assign(new Error('too many messages in this connection'), { responseCode: 421 }));
+        }
+        seen.transactions.push({ from: address.address, rcptAttempts: [], rcptAccepted: [], delivered: false });
+        callback();
+      },
+      onRcptTo: (address, session, callback) => {
+        const seen = this.connection(session);
+        const transaction = seen.transactions.at(-1)!;
+        transaction.rcptAttempts.push(address.address);
+        const refusal = behaviour.rcpt?.(address.address, seen);
+        if (refusal) return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));
+        transaction.rcptAccepted.push(address.address);
+        callback();
+      },
+      onData: (stream, session, callback) => {
+        const seen = this.connection(session);
+        const transaction = seen.transactions.at(-1)!;
+        const chunks: Buffer[] = [];
+        stream.on('data', (chunk: Buffer) => chunks.push(chunk));
+        stream.on('end', () => {
+          const text = Buffer.concat(chunks).toString();
+          transaction.subject = /^Subject: (.*)$/m.exec(text)?.[1]?.trim();
+          this.dataCount++;
+          if (behaviour.dropBeforeDataReplyOn === this.dataCount) {
+            // The message is in, the reply never comes: the client cannot know the outcome.
+            transaction.delivered = true;
+            this.dropSocket(session);
+            return;
+          }
+          const refusal = behaviour.data?.(transaction, seen);
+          if (refusal) return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));
+          transaction.delivered = true;
+          callback(null, 'Ok: queued');
+        });
+      },
+      onClose: (session) => {
+        const seen = this.byId.get(session.id);
+        if (seen) seen.closed = true;
+      },
+      ...behaviour.server,
+    });
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(0, this.host, () => {
+        this.port = (this.server.server.address() as AddressInfo).port;
+        resolve();
+      });
+    });
+  }
+
+  private dropSocket(session: SMTPServerSession): void {
+    for (const connection of (this.server as unknown as { connections: Set<{ id: string; _socket: { destroy(): void } }> }).connections) {
+      if (connection.id === session.id) connection._socket.destroy();
+    }
+  }
+}

@@ -1,0 +1,19 @@
+/** Small helpers shared by the tests. */
+import nodemailer from 'nodemailer';
+import { BindingPoolTransport, type BindingPoolOptions } from '../../lib';
+import type { RecordingServer } from './recording-server';
+
+export function routeTo(server: RecordingServer): { host: string; port: number } {
+  return { host: server.host, port: server.port };
+}
+
+export function makeTransport(options: BindingPoolOptions) {
+  const pool = new BindingPoolTransport(options);
+  const transporter = nodemailer.createTransport(pool);
+  return { pool, transporter };
+}
+
+/** n single-recipient messages, subjects `m0`…, to `user<i>@domain`. */
+export function messages(n: number, domain: string, extra: Record<string, unknown> = {}) {
+  return Array.from({ length: n }, (_, i) => ({ from: 'sender@example.com', to: `user${i}@${domain}`, subject: `m${i}`, text: `message ${i}`, ...extra }));
+}

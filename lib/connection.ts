@@ -15,11 +15,16 @@ import type { RouteAuth } from './options';
 
 /** Where and how to connect, already resolved for one (binding, domain). */
 export interface ConnectionTarget {
+  /** Host name or address to connect to. */
   host: string;
+  /** The MX host's name when `host` is its address: for SNI, the certificate check and reports. */
+  servername: string | undefined;
   port: number;
   secure: boolean;
   requireTLS: boolean;
   ignoreTLS: boolean;
+  /** Go on in plain text when the server answers STARTTLS with an error. */
+  opportunisticTLS: boolean;
   lmtp: boolean;
   tls: TlsConnectionOptions | undefined;
   auth: RouteAuth | undefined;
@@ -122,6 +127,8 @@ export class CountingConnection {
       secure: target.secure,
       requireTLS: target.requireTLS,
       ignoreTLS: target.ignoreTLS,
+      opportunisticTLS: target.opportunisticTLS,
+      servername: target.servername,
       lmtp: target.lmtp,
       tls: target.tls,
       localAddress: target.localAddress,
@@ -143,7 +150,7 @@ export class CountingConnection {
   /** Opens, greets, upgrades and authenticates; rejects with the connection error. */
   static async open(label: string, target: ConnectionTarget, limits: ConnectionLimits): Promise<CountingConnection> {
     const connection = new CountingConnection(label, target, limits);
-    connectionLog('%s connecting to %s:%d from %s', connection.id, target.host, target.port, target.localAddress ?? 'any address');
+    connectionLog('%s connecting to %s from %s', connection.id, describeTarget(target), target.localAddress ?? 'any address');
     try {
       await new Promise<void>((resolve, reject) => connection.smtp.connect((err) => (err ? reject(err) : resolve())));
       if (target.auth) {
@@ -280,6 +287,11 @@ export class CountingConnection {
       return { rcpt, verdict: 'retry', response: err.message, responseCode: err.responseCode };
     });
   }
+}
+
+/** `mx1.example.org[192.0.2.1]:25`, or `relay.example.net:587` for a host given by name. */
+export function describeTarget(target: Pick<ConnectionTarget, 'host' | 'servername' | 'port'>): string {
+  return target.servername ? `${target.servername}[${target.host}]:${target.port}` : `${target.host}:${target.port}`;
 }
 
 function verdictFromReply(rcpt: string, err: SmtpError): RecipientReply {

@@ -5,7 +5,7 @@
  * Every recipient ends with exactly one outcome; one the server may have taken is never resent.
  */
 import { describeError } from './errors';
-import type { TransactionEnvelope } from './connection';
+import { describeTarget, type TransactionEnvelope } from './connection';
 import type { DestinationPool } from './pool-registry';
 import type { Recipient } from './recipients';
 import { deliveryLog } from './log';
@@ -23,11 +23,19 @@ export interface RecipientOutcome {
   host?: string;
 }
 
+export interface ConnectionUse {
+  id: string;
+  host: string;
+  encrypted: boolean;
+}
+
 export interface DomainResult {
   domain: string;
   binding: string;
   /** Hosts that carried this domain's transactions. */
   hosts: string[];
+  /** The connections used, and whether each was TLS-encrypted. */
+  connections: ConnectionUse[];
   accepted: RecipientOutcome[];
   rejected: RecipientOutcome[];
   pending: RecipientOutcome[];
@@ -56,13 +64,14 @@ interface QueuedRecipient {
 const TOO_MANY_RECIPIENTS = 452;
 
 export function emptyDomainResult(domain: string, binding: string): DomainResult {
-  return { domain, binding, hosts: [], accepted: [], rejected: [], pending: [] };
+  return { domain, binding, hosts: [], connections: [], accepted: [], rejected: [], pending: [] };
 }
 
 export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult> {
   const result = emptyDomainResult(job.domain, job.binding);
   const queue: QueuedRecipient[] = job.recipients.map((recipient) => ({ recipient, attempts: 0 }));
   const hosts = new Set<string>();
+  const connections = new Map<string, ConnectionUse>();
   const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string): void => {
     result[status].push({ recipient: item.recipient.address, status, response, ...(responseCode !== undefined && { responseCode }), ...(host !== undefined && { host }) });
   };
@@ -83,8 +92,9 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         job.pool.release(connection);
         continue;
       }
-      const host = `${connection.target.host}:${connection.target.port}`;
+      const host = describeTarget(connection.target);
       hosts.add(host);
+      if (!connections.has(connection.id)) connections.set(connection.id, { id: connection.id, host, encrypted: connection.encrypted });
       const replies = await connection.send(job.envelope, batch.map((item) => item.recipient.rcpt), job.message);
       job.pool.release(connection);
       const again: QueuedRecipient[] = [];
@@ -109,5 +119,6 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
   const workers = Math.min(job.maxConnections, Math.ceil(queue.length / perTransaction));
   await Promise.all(Array.from({ length: Math.max(1, workers) }, worker));
   result.hosts = [...hosts];
+  result.connections = [...connections.values()];
   return result;
 }

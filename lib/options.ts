@@ -60,9 +60,20 @@ export interface ScopedOptions {
   maxConnectBackoff?: number;
   /** Deliver through this host instead of the domain's MX hosts. */
   route?: RouteOptions;
+  /** Port of the MX hosts (direct delivery). Default 25. */
+  port?: number;
+  /**
+   * Momentum `tls`: `no` never uses STARTTLS; `ifavailable` uses it when offered and goes on in
+   * plain text when the server answers STARTTLS with an error; `required` never sends in clear:
+   * recipients stay pending when a host offers no STARTTLS or the handshake fails. Default
+   * `ifavailable`. A route's own `requireTLS` / `ignoreTLS` win over it.
+   */
+  tls?: TlsPolicy;
   /** Node TLS options for every connection in this scope (merged under a route's own `tls`). */
   tlsOptions?: TlsConnectionOptions;
 }
+
+export type TlsPolicy = 'no' | 'ifavailable' | 'required';
 
 /** A binding's or binding group's per-domain stanza, and a global domain stanza. */
 export type DomainOptions = ScopedOptions;
@@ -100,14 +111,24 @@ export interface BindingPoolOptions extends ScopedOptions {
   selectBinding?: (mail: SendMailOptions) => string | BindingChoice | undefined;
   /** EHLO name for bindings without their own `name`. */
   name?: string;
+  /** DNS servers for MX lookups, e.g. `['127.0.0.1:5353']`. Default: the system's. */
+  dnsServers?: string[];
+  /** Momentum `min_dns_ttl` (seconds): answers are cached at least this long; also how long NXDOMAIN and null MX answers are cached. Default 30. */
+  minDnsTtl?: number;
+  /** Momentum `max_dns_ttl` (seconds): answers are cached at most this long. Default 3600. */
+  maxDnsTtl?: number;
+  /** How long one DNS query may take (ms) before the domain's recipients go pending. Default 5 000. */
+  dnsTimeout?: number;
+  /** Domains kept in the DNS cache at most; the least recently added go first. Default 10 000. */
+  dnsCacheSize?: number;
 }
 
 /** How each scoped option is checked, with its default; README's option table mirrors it. */
-export type OptionKind = 'count' | 'positive' | 'milliseconds' | 'route' | 'tls';
+export type OptionKind = 'count' | 'positive' | 'milliseconds' | 'port' | 'route' | 'tlsPolicy' | 'tlsOptions';
 
 export interface ScopedOptionSpec {
   kind: OptionKind;
-  default: number | undefined;
+  default: number | string | undefined;
   momentum?: string;
 }
 
@@ -126,12 +147,21 @@ export const SCOPED_OPTIONS = {
   connectBackoff: { kind: 'milliseconds', default: 1_000 },
   maxConnectBackoff: { kind: 'milliseconds', default: 60_000 },
   route: { kind: 'route', default: undefined },
-  tlsOptions: { kind: 'tls', default: undefined },
+  port: { kind: 'port', default: 25 },
+  tls: { kind: 'tlsPolicy', default: 'ifavailable', momentum: 'tls' },
+  tlsOptions: { kind: 'tlsOptions', default: undefined },
 } as const satisfies Record<keyof ScopedOptions, ScopedOptionSpec>;
 
 export type ScopedOptionName = keyof typeof SCOPED_OPTIONS;
 export const SCOPED_OPTION_NAMES = Object.keys(SCOPED_OPTIONS) as ScopedOptionName[];
 
 /** Every scoped option with its value after resolution. */
-export type ResolvedOptions = Required<Omit<ScopedOptions, 'route' | 'tlsOptions'>> &
-  Pick<ScopedOptions, 'route' | 'tlsOptions'>;
+export type ResolvedOptions = Required<Omit<ScopedOptions, 'route' | 'tlsOptions'>> & Pick<ScopedOptions, 'route' | 'tlsOptions'>;
+
+/** Options that are only global (they concern the DNS cache every pool shares). */
+export const DNS_OPTIONS = {
+  minDnsTtl: { min: 0, default: 30 },
+  maxDnsTtl: { min: 1, default: 3600 },
+  dnsTimeout: { min: 1, default: 5_000 },
+  dnsCacheSize: { min: 1, default: 10_000 },
+} as const;

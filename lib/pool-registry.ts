@@ -12,7 +12,7 @@
  */
 import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from './errors';
-import type { CountingConnection, RetireReason } from './connection';
+import { describeTarget, type CountingConnection, type RetireReason } from './connection';
 import { poolLog } from './log';
 
 export interface PoolSettings {
@@ -228,7 +228,7 @@ export class DestinationPool {
       id: entry.id,
       binding: this.binding,
       domain: this.domain,
-      host: `${entry.target.host}:${entry.target.port}`,
+      host: describeTarget(entry.target),
       localAddress: entry.target.localAddress,
       encrypted: entry.encrypted,
       transactions: entry.transactions,

@@ -8,13 +8,14 @@ import { EventEmitter } from 'node:events';
 import { buffer as readAll } from 'node:stream/consumers';
 import type { MailMessage, SentMessageInfo, Transport } from 'nodemailer';
 import { ScopeResolver, type Binding } from './config';
-import { deliverToDomain, emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery';
+import { deliverToDomain, emptyDomainResult, type DomainDelivery, type DomainResult, type RecipientOutcome } from './delivery';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
-import type { BindingChoice, BindingPoolOptions, ResolvedOptions } from './options';
+import { DNS_OPTIONS, type BindingChoice, type BindingPoolOptions, type ResolvedOptions } from './options';
 import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
 import { assertNoInjection, groupByDomain } from './recipients';
-import { connectorFor, hopsFor } from './routing';
+import { MxResolver } from './mx-resolver';
+import { Router } from './routing';
 
 export const VERSION = '0.1.0';
 
@@ -46,6 +47,8 @@ export interface TransportStats {
   droppedPools: DroppedPoolTotals;
   /** Sends in progress. */
   sending: number;
+  /** DNS queries sent for MX delivery, and domains in the cache. */
+  dns: { queries: number; cachedDomains: number };
 }
 
 type SendCallback = (err: Error | null, info?: BindingPoolSentMessageInfo) => void;
@@ -58,6 +61,8 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   readonly version = VERSION;
   private readonly scopes: ScopeResolver;
   private readonly registry: PoolRegistry;
+  private readonly mx: MxResolver;
+  private readonly router: Router;
   private readonly inFlight = new Set<Promise<unknown>>();
   private closed = false;
   private closing: Promise<void> | undefined;
@@ -65,6 +70,15 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   constructor(options: BindingPoolOptions = {}) {
     super();
     this.scopes = new ScopeResolver(options);
+    const checked = this.scopes.options;
+    this.mx = new MxResolver({
+      servers: checked.dnsServers,
+      minTtl: checked.minDnsTtl ?? DNS_OPTIONS.minDnsTtl.default,
+      maxTtl: checked.maxDnsTtl ?? DNS_OPTIONS.maxDnsTtl.default,
+      timeout: checked.dnsTimeout ?? DNS_OPTIONS.dnsTimeout.default,
+      maxEntries: checked.dnsCacheSize ?? DNS_OPTIONS.dnsCacheSize.default,
+    });
+    this.router = new Router(this.mx);
     this.registry = new PoolRegistry(
       (bindingName, domain) => {
         const binding = this.scopes.binding(bindingName)!;
@@ -77,7 +91,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
             connectBackoff: resolved.connectBackoff,
             maxConnectBackoff: resolved.maxConnectBackoff,
           },
-          connect: connectorFor(binding, domain, resolved),
+          connect: this.router.connectorFor(binding, domain, resolved),
         };
       },
       (summary: ConnectionSummary) => this.emit('connectionClosed', summary),
@@ -107,7 +121,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   }
 
   stats(): TransportStats {
-    return { ...this.registry.stats(), sending: this.inFlight.size };
+    return { ...this.registry.stats(), sending: this.inFlight.size, dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains } };
   }
 
   /**
@@ -164,21 +178,21 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     return summarize(domains, { from: envelope.from, to: envelope.to }, messageId);
   }
 
-  private deliverDomain(
+  private async deliverDomain(
     binding: Binding,
     domain: string,
     options: ResolvedOptions,
-    recipients: Parameters<typeof deliverToDomain>[0]['recipients'],
-    envelope: Parameters<typeof deliverToDomain>[0]['envelope'],
+    recipients: DomainDelivery['recipients'],
+    envelope: DomainDelivery['envelope'],
     message: Buffer,
   ): Promise<DomainResult> {
-    try {
-      hopsFor(domain, options);
-    } catch (err) {
-      // No route is a configuration gap, not the receiver's verdict: pending, not rejected.
+    const decision = await this.router.decide(binding, domain, options);
+    if (decision.kind !== 'hops') {
+      // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
       const result = emptyDomainResult(domain, binding.name);
-      result.pending = recipients.map((r) => ({ recipient: r.address, status: 'pending', response: describeError(err) }));
-      return Promise.resolve(result);
+      const status = decision.kind === 'reject' ? 'rejected' : 'pending';
+      result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
+      return result;
     }
     return deliverToDomain({
       domain,
@@ -198,7 +212,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
       const binding = this.scopes.binding(bindingName)!;
       const options: ResolvedOptions = { ...this.scopes.resolve(binding, route.host), route };
       try {
-        const connection = await connectorFor(binding, route.host, options)();
+        const connection = await this.router.connectorFor(binding, route.host, options)();
         await connection.close('shutdown');
       } catch (err) {
         throw new BindingPoolError('ECONNECT', `${path} (${route.host}:${route.port ?? 25}) did not accept a connection: ${describeError(err)}`, { cause: err });

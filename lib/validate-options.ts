@@ -7,6 +7,7 @@ import { isIP } from 'node:net';
 import { ConfigError } from './errors';
 import { normalizeDomain } from './recipients';
 import {
+  DNS_OPTIONS,
   SCOPED_OPTIONS,
   SCOPED_OPTION_NAMES,
   type BindingGroupOptions,
@@ -16,7 +17,8 @@ import {
   type ScopedOptions,
 } from './options';
 
-const TOP_LEVEL_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'bindingGroups', 'domains', 'defaultBinding', 'selectBinding', 'name'];
+const TOP_LEVEL_KEYS = [...SCOPED_OPTION_NAMES, ...Object.keys(DNS_OPTIONS), 'bindings', 'bindingGroups', 'domains', 'defaultBinding', 'selectBinding', 'name', 'dnsServers'];
+const TLS_POLICIES = ['no', 'ifavailable', 'required'];
 const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
 const GROUP_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'domains'];
 const ROUTE_KEYS = ['host', 'port', 'secure', 'auth', 'requireTLS', 'ignoreTLS', 'tls', 'lmtp'];
@@ -45,6 +47,19 @@ export function checkOptions(input: unknown): CheckedOptions {
   if (options.name !== undefined) checkHostName(options.name, 'name');
   if (options.selectBinding !== undefined && typeof options.selectBinding !== 'function') {
     throw new ConfigError('selectBinding', 'must be a function');
+  }
+  for (const [name, { min }] of Object.entries(DNS_OPTIONS)) {
+    const value = options[name];
+    if (value !== undefined && (!Number.isInteger(value) || (value as number) < min)) throw new ConfigError(name, `must be a whole number ≥ ${min}, got ${show(value)}`);
+  }
+  const { minDnsTtl, maxDnsTtl } = options as { minDnsTtl?: number; maxDnsTtl?: number };
+  if (minDnsTtl !== undefined && maxDnsTtl !== undefined && minDnsTtl > maxDnsTtl) throw new ConfigError('minDnsTtl', 'must not be larger than maxDnsTtl');
+  if (options.dnsServers !== undefined) {
+    const servers = options.dnsServers;
+    if (!Array.isArray(servers) || servers.length === 0) throw new ConfigError('dnsServers', 'must be a non-empty array of "address" or "address:port" strings');
+    servers.forEach((server: unknown, i: number) => {
+      if (typeof server !== 'string' || !isDnsServer(server)) throw new ConfigError(`dnsServers[${i}]`, `must be an IP address with an optional port, got ${show(server)}`);
+    });
   }
 
   const bindings: Record<string, BindingOptions> = {};
@@ -132,10 +147,16 @@ function checkScoped(scope: Record<string, unknown>, path: string): void {
       case 'milliseconds':
         if (!Number.isInteger(value) || (value as number) < 1) throw new ConfigError(optionPath, `must be a whole number of milliseconds ≥ 1, got ${show(value)}`);
         break;
+      case 'port':
+        if (!Number.isInteger(value) || (value as number) < 1 || (value as number) > 65535) throw new ConfigError(optionPath, `must be a port number 1–65535, got ${show(value)}`);
+        break;
       case 'route':
         checkRoute(value, optionPath);
         break;
-      case 'tls':
+      case 'tlsPolicy':
+        if (!TLS_POLICIES.includes(value as string)) throw new ConfigError(optionPath, `must be one of ${TLS_POLICIES.map((p) => JSON.stringify(p)).join(', ')}, got ${show(value)}${suggestion(String(value), TLS_POLICIES)}`);
+        break;
+      case 'tlsOptions':
         checkObject(value, optionPath);
         break;
     }
@@ -163,6 +184,15 @@ function checkRoute(value: unknown, path: string): void {
     if (typeof auth.user !== 'string') throw new ConfigError(childPath(authPath, 'user'), 'must be a string');
     if (typeof auth.pass !== 'string') throw new ConfigError(childPath(authPath, 'pass'), 'must be a string');
   }
+}
+
+/** `1.2.3.4`, `1.2.3.4:53`, `::1`, `[::1]:53`. */
+function isDnsServer(server: string): boolean {
+  const bracketed = /^\[(.+)\](?::(\d+))?$/.exec(server);
+  if (bracketed) return isIP(bracketed[1]) === 6 && (bracketed[2] === undefined || Number(bracketed[2]) <= 65535);
+  if (isIP(server)) return true;
+  const withPort = /^(.+):(\d+)$/.exec(server);
+  return withPort !== null && isIP(withPort[1]) === 4 && Number(withPort[2]) <= 65535;
 }
 
 function checkHostName(value: unknown, path: string): void {

@@ -7,8 +7,15 @@ export function routeTo(server: RecordingServer): { host: string; port: number }
   return { host: server.host, port: server.port };
 }
 
+/**
+ * A DNS server address on loopback where nothing listens: a domain without a route then fails
+ * its MX lookup at once (ECONNREFUSED, pending) instead of asking the system's resolver.
+ * Tests never let a lookup leave the machine.
+ */
+export const NO_DNS = ['127.0.0.1:1'];
+
 export function makeTransport(options: BindingPoolOptions) {
-  const pool = new BindingPoolTransport(options);
+  const pool = new BindingPoolTransport({ dnsServers: NO_DNS, ...options });
   const transporter = nodemailer.createTransport(pool);
   return { pool, transporter };
 }

@@ -152,7 +152,18 @@ export class CountingConnection {
     const connection = new CountingConnection(label, target, limits);
     connectionLog('%s connecting to %s from %s', connection.id, describeTarget(target), target.localAddress ?? 'any address');
     try {
-      await new Promise<void>((resolve, reject) => connection.smtp.connect((err) => (err ? reject(err) : resolve())));
+      await new Promise<void>((resolve, reject) => {
+        // A failed connect is reported through the callback for a silent close before the
+        // greeting, and through 'error' (refused, timed out, 4xx greeting, TLS) otherwise.
+        const fail = (err: Error): void => reject(err);
+        connection.smtp.once('error', fail);
+        connection.smtp.once('end', () => reject(new Error('connection closed during setup')));
+        connection.smtp.connect((err) => {
+          connection.smtp.removeListener('error', fail);
+          if (err) reject(err);
+          else resolve();
+        });
+      });
       if (target.auth) {
         const auth = target.auth;
         await new Promise<void>((resolve, reject) => connection.smtp.login({ user: auth.user, pass: auth.pass }, (err) => (err ? reject(err) : resolve())));

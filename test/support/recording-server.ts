@@ -25,6 +25,8 @@ export interface SeenConnection {
   transactions: SeenTransaction[];
   secure: boolean;
   closed: boolean;
+  /** MAIL FROM commands answered with 421 because of `messagesPerConnection`. */
+  mailRefused: number;
 }
 
 export interface Behaviour {
@@ -36,6 +38,10 @@ export interface Behaviour {
   data?: (transaction: SeenTransaction, connection: SeenConnection) => { code: number; message: string } | undefined;
   /** Drop the socket instead of answering the final dot of the n-th message (1-based, across the server). */
   dropBeforeDataReplyOn?: number;
+  /** Drop the socket when the DATA command arrives, before answering it with 354 (so before any message byte is sent). */
+  dropAtDataCommand?: (transaction: SeenTransaction, connection: SeenConnection) => boolean;
+  /** Wait this long (ms) before answering the final dot. */
+  dataReplyDelay?: number;
   /** Extra smtp-server options. */
   server?: Partial<SMTPServerOptions>;
 }
@@ -53,15 +59,21 @@ export class RecordingServer {
     private readonly behaviour: Behaviour = {},
   ) {}
 
-  static async start(host = '127.0.0.1', behaviour: Behaviour = {}): Promise<RecordingServer> {
+  /** Listens on `host`, on `port` or any free one. */
+  static async start(host = '127.0.0.1', behaviour: Behaviour = {}, port = 0): Promise<RecordingServer> {
     const server = new RecordingServer(host, behaviour);
-    await server.listen();
+    await server.listen(port);
     return server;
   }
 
   /** Every accepted (message subject or index, recipient) pair, for duplicate checks. */
   deliveredRecipients(): string[] {
     return this.connections.flatMap((c) => c.transactions.filter((t) => t.delivered).flatMap((t) => t.rcptAccepted));
+  }
+
+  /** MAIL FROM commands answered with 421 (`messagesPerConnection`), across connections. */
+  mailRefusals(): number {
+    return this.connections.reduce((sum, c) => sum + c.mailRefused, 0);
   }
 
   totalDelivered(): number {
@@ -76,7 +88,7 @@ export class RecordingServer {
     return this.byId.get(session.id)!;
   }
 
-  private listen(): Promise<void> {
+  private listen(port: number): Promise<void> {
     const behaviour = this.behaviour;
     this.server = new SMTPServer({
       authOptional: true,
@@ -85,7 +97,7 @@ export class RecordingServer {
       // Lets the test close it without waiting for clients to go away.
       closeTimeout: 100,
       onConnect: (session, callback) => {
-        const seen: SeenConnection = { id: session.id, remoteAddress: session.remoteAddress, ehloName: '', transactions: [], secure: session.secure, closed: false };
+        const seen: SeenConnection = { id: session.id, remoteAddress: session.remoteAddress, ehloName: '', transactions: [], secure: session.secure, closed: false, mailRefused: 0 };
         this.byId.set(session.id, seen);
         this.connections.push(seen);
         callback();
@@ -93,8 +105,11 @@ export class RecordingServer {
       onMailFrom: (address, session, callback) => {
         const seen = this.connection(session);
         seen.ehloName = session.hostNameAppearsAs;
+        // Known only after STARTTLS, which comes after the connect.
+        seen.secure = session.secure;
         const delivered = seen.transactions.filter((t) => t.delivered).length;
         if (behaviour.messagesPerConnection !== undefined && delivered >= behaviour.messagesPerConnection) {
+          seen.mailRefused++;
           return callback(Object.assign(new Error('too many messages in this connection'), { responseCode: 421 }));
         }
         seen.transactions.push({ from: address.address, rcptAttempts: [], rcptAccepted: [], delivered: false });
@@ -112,6 +127,11 @@ export class RecordingServer {
       onData: (stream, session, callback) => {
         const seen = this.connection(session);
         const transaction = seen.transactions.at(-1)!;
+        if (behaviour.dropAtDataCommand?.(transaction, seen)) {
+          // smtp-server calls onData before it writes the 354, so the client never gets it.
+          this.dropSocket(session);
+          return;
+        }
         const chunks: Buffer[] = [];
         stream.on('data', (chunk: Buffer) => chunks.push(chunk));
         stream.on('end', () => {
@@ -124,10 +144,14 @@ export class RecordingServer {
             this.dropSocket(session);
             return;
           }
-          const refusal = behaviour.data?.(transaction, seen);
-          if (refusal) return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));
-          transaction.delivered = true;
-          callback(null, 'Ok: queued');
+          const reply = (): void => {
+            const refusal = behaviour.data?.(transaction, seen);
+            if (refusal) return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));
+            transaction.delivered = true;
+            callback(null, 'Ok: queued');
+          };
+          if (behaviour.dataReplyDelay) setTimeout(reply, behaviour.dataReplyDelay);
+          else reply();
         });
       },
       onClose: (session) => {
@@ -138,7 +162,7 @@ export class RecordingServer {
     });
     return new Promise((resolve, reject) => {
       this.server.once('error', reject);
-      this.server.listen(0, this.host, () => {
+      this.server.listen(port, this.host, () => {
         this.port = (this.server.server.address() as AddressInfo).port;
         resolve();
       });

@@ -71,7 +71,9 @@ export class ScopeResolver {
       choice = { binding: mail.binding, bindingGroup: mail.bindingGroup };
     } else if (this.options.selectBinding) {
       const selected = this.options.selectBinding(mail);
-      choice = typeof selected === 'string' ? this.choiceForName(selected) : selected;
+      if (typeof selected === 'string') choice = this.choiceForName(selected);
+      // An empty choice means "no opinion", like undefined: the default applies.
+      else if (selected?.binding !== undefined || selected?.bindingGroup !== undefined) choice = selected;
     }
     choice ??= this.choiceForName(this.options.defaultBinding);
     if (choice.binding !== undefined && choice.bindingGroup !== undefined) {

@@ -28,6 +28,8 @@ export interface ConnectionTarget {
   lmtp: boolean;
   tls: TlsConnectionOptions | undefined;
   auth: RouteAuth | undefined;
+  /** Log in even over a plain-text connection. */
+  allowUnencryptedAuth: boolean;
   localAddress: string | undefined;
   ehloName: string | undefined;
   connectionTimeout: number;
@@ -165,6 +167,9 @@ export class CountingConnection {
         });
       });
       if (target.auth) {
+        if (!connection.encrypted && !target.allowUnencryptedAuth) {
+          throw new Error(`refusing to send credentials to ${describeTarget(target)} over an unencrypted connection (set route.allowUnencryptedAuth to allow it)`);
+        }
         const auth = target.auth;
         await new Promise<void>((resolve, reject) => connection.smtp.login({ user: auth.user, pass: auth.pass }, (err) => (err ? reject(err) : resolve())));
       }

@@ -30,6 +30,8 @@ export interface RouteOptions {
   tls?: TlsConnectionOptions;
   /** Speak LMTP instead of SMTP (per-recipient DATA replies). */
   lmtp?: boolean;
+  /** Send `auth` credentials even when the connection is not encrypted. Default false: such a connection is refused. */
+  allowUnencryptedAuth?: boolean;
 }
 
 /** Options that may be set at every scope: globally, per binding group, per binding, per domain. */

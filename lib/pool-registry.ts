@@ -82,7 +82,8 @@ export class DestinationPool {
   private consecutiveFailures = 0;
   private backoffUntil = 0;
   private lastConnectError: unknown;
-  private closing = false;
+  /** Set once close() is called: why the pool's remaining connections are closed. */
+  private closing: 'idle' | 'shutdown' | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
 
   constructor(
@@ -170,8 +171,8 @@ export class DestinationPool {
   }
 
   /** Lets lent connections come back, then QUITs every connection; resolves when all sockets are gone. */
-  async close(): Promise<void> {
-    this.closing = true;
+  async close(reason: 'idle' | 'shutdown'): Promise<void> {
+    this.closing = reason;
     clearTimeout(this.idleTimer);
     await this.pool.drain();
     await this.pool.clear();
@@ -216,7 +217,7 @@ export class DestinationPool {
 
   private async destroy(entry: PoolEntry): Promise<void> {
     if (entry instanceof ConnectFailure) return;
-    const reason: RetireReason = this.closing ? 'shutdown' : entry.usable ? 'idle' : 'serverClosed';
+    const reason: RetireReason = entry.usable ? (this.closing ?? 'idle') : 'serverClosed';
     await entry.close(reason);
     this.live.delete(entry);
     const finalReason = entry.retireReason ?? reason;
@@ -264,7 +265,7 @@ export class PoolRegistry {
     const key = `${binding}\0${domain}`;
     let pool = this.pools.get(key);
     if (!pool) {
-      pool = new DestinationPool(binding, domain, this.specFor(binding, domain), this.onConnectionClosed, (idle) => this.drop(key, idle));
+      pool = new DestinationPool(binding, domain, this.specFor(binding, domain), this.onConnectionClosed, (idle) => this.drop(key, idle, 'idle'));
       this.pools.set(key, pool);
       poolLog('pool %s/%s created (%d pools)', binding, domain, this.pools.size);
     }
@@ -281,16 +282,16 @@ export class PoolRegistry {
 
   /** Closes every pool; resolves when every connection is closed. */
   async close(): Promise<void> {
-    const closing = [...this.pools.values()].map((pool) => pool.close());
-    this.pools.clear();
-    await Promise.all([...closing, ...this.closingPools]);
+    for (const [key, pool] of this.pools) this.drop(key, pool, 'shutdown');
+    await Promise.all(this.closingPools);
   }
 
-  private drop(key: string, pool: DestinationPool): void {
+  /** Closes a pool and moves its figures into the dropped totals. */
+  private drop(key: string, pool: DestinationPool, reason: 'idle' | 'shutdown'): void {
     if (this.pools.get(key) !== pool) return;
     this.pools.delete(key);
-    poolLog('pool %s/%s idle, dropped (%d pools left)', pool.binding, pool.domain, this.pools.size);
-    const closing = pool.close().then(() => {
+    poolLog('pool %s/%s dropped: %s (%d pools left)', pool.binding, pool.domain, reason, this.pools.size);
+    const closing = pool.close(reason).then(() => {
       const figures = pool.stats();
       this.dropped.pools++;
       for (const field of ['opened', 'connectFailures', 'transactions', 'deliveries', 'recipients'] as const) this.dropped[field] += figures[field];

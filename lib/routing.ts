@@ -13,7 +13,7 @@ import type { ResolvedOptions, TlsPolicy } from './options';
 import type { Connector } from './pool-registry';
 
 /** Everything a connection needs that depends on the host it goes to. */
-type Hop = Pick<ConnectionTarget, 'host' | 'servername' | 'port' | 'secure' | 'requireTLS' | 'ignoreTLS' | 'opportunisticTLS' | 'lmtp' | 'tls' | 'auth'>;
+type Hop = Pick<ConnectionTarget, 'host' | 'servername' | 'port' | 'secure' | 'requireTLS' | 'ignoreTLS' | 'opportunisticTLS' | 'lmtp' | 'tls' | 'auth' | 'allowUnencryptedAuth'>;
 
 /**
  * Where a domain's recipients go: hosts to try, or a verdict reached without connecting (with
@@ -77,6 +77,7 @@ function routeHop(options: ResolvedOptions): Hop {
     // A route's own TLS options win over the scope's.
     tls: options.tlsOptions || route.tls ? { ...options.tlsOptions, ...route.tls } : undefined,
     auth: route.auth,
+    allowUnencryptedAuth: route.allowUnencryptedAuth ?? false,
   };
 }
 
@@ -105,6 +106,7 @@ function mxDecision(answer: MxAnswer, binding: Binding, domain: string, options:
         lmtp: false,
         tls: options.tlsOptions ? { ...options.tlsOptions } : undefined,
         auth: undefined,
+        allowUnencryptedAuth: false,
       });
     }
   }

@@ -11,7 +11,7 @@ import { ScopeResolver, type Binding } from './config';
 import { deliverToDomain, emptyDomainResult, type DomainDelivery, type DomainResult, type RecipientOutcome } from './delivery';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
-import { DNS_OPTIONS, type BindingChoice, type BindingPoolOptions, type ResolvedOptions } from './options';
+import { DNS_OPTIONS, SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions, type ResolvedOptions } from './options';
 import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
 import { assertNoInjection, groupByDomain } from './recipients';
 import { MxResolver } from './mx-resolver';
@@ -117,7 +117,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
 
   /** True while fewer sends are in progress than one pool has connections. */
   isIdle(): boolean {
-    return !this.closed && this.inFlight.size < this.scopes.options.maxOutboundConnections!;
+    return !this.closed && this.inFlight.size < (this.scopes.options.maxOutboundConnections ?? SCOPED_OPTIONS.maxOutboundConnections.default);
   }
 
   stats(): TransportStats {

@@ -21,7 +21,7 @@ const TOP_LEVEL_KEYS = [...SCOPED_OPTION_NAMES, ...Object.keys(DNS_OPTIONS), 'bi
 const TLS_POLICIES = ['no', 'ifavailable', 'required'];
 const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
 const GROUP_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'domains'];
-const ROUTE_KEYS = ['host', 'port', 'secure', 'auth', 'requireTLS', 'ignoreTLS', 'tls', 'lmtp'];
+const ROUTE_KEYS = ['host', 'port', 'secure', 'auth', 'requireTLS', 'ignoreTLS', 'tls', 'lmtp', 'allowUnencryptedAuth'];
 
 /** The name of the binding that exists when the options define none of that name. */
 export const BUILT_IN_BINDING = 'default';
@@ -62,7 +62,8 @@ export function checkOptions(input: unknown): CheckedOptions {
     });
   }
 
-  const bindings: Record<string, BindingOptions> = {};
+  // Null-prototype records, so `name in bindings` never finds toString, constructor…
+  const bindings: Record<string, BindingOptions> = Object.create(null);
   for (const [name, value] of entries(options.bindings, 'bindings')) {
     const path = childPath('bindings', name);
     const raw = checkObject(value, path);
@@ -77,7 +78,7 @@ export function checkOptions(input: unknown): CheckedOptions {
   }
 
   const groupOf = new Map<string, string>();
-  const bindingGroups: Record<string, BindingGroupOptions> = {};
+  const bindingGroups: Record<string, BindingGroupOptions> = Object.create(null);
   for (const [name, value] of entries(options.bindingGroups, 'bindingGroups')) {
     const path = childPath('bindingGroups', name);
     const raw = checkObject(value, path);
@@ -118,7 +119,7 @@ export function checkOptions(input: unknown): CheckedOptions {
 }
 
 function checkDomains(value: unknown, path: string): Record<string, DomainOptions> {
-  const result: Record<string, DomainOptions> = {};
+  const result: Record<string, DomainOptions> = Object.create(null);
   for (const [key, stanza] of entries(value, path)) {
     const stanzaPath = childPath(path, key);
     const domain = normalizeDomain(key);
@@ -172,7 +173,7 @@ function checkRoute(value: unknown, path: string): void {
   if (route.port !== undefined && (!Number.isInteger(route.port) || (route.port as number) < 1 || (route.port as number) > 65535)) {
     throw new ConfigError(childPath(path, 'port'), `must be a port number 1–65535, got ${show(route.port)}`);
   }
-  for (const flag of ['secure', 'requireTLS', 'ignoreTLS', 'lmtp']) {
+  for (const flag of ['secure', 'requireTLS', 'ignoreTLS', 'lmtp', 'allowUnencryptedAuth']) {
     if (route[flag] !== undefined && typeof route[flag] !== 'boolean') throw new ConfigError(childPath(path, flag), `must be true or false, got ${show(route[flag])}`);
   }
   if (route.tls !== undefined) checkObject(route.tls, childPath(path, 'tls'));

@@ -24,3 +24,17 @@ export function makeTransport(options: BindingPoolOptions) {
 export function messages(n: number, domain: string, extra: Record<string, unknown> = {}) {
   return Array.from({ length: n }, (_, i) => ({ from: 'sender@example.com', to: `user${i}@${domain}`, subject: `m${i}`, text: `message ${i}`, ...extra }));
 }
+
+/** Retries an assertion until it holds or `ms` pass: for what the server learns a moment after the client. */
+export async function eventually(assertion: () => void, ms = 2_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    try {
+      assertion();
+      return;
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}

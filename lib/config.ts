@@ -28,6 +28,9 @@ export interface Binding {
   readonly group: string | undefined;
 }
 
+/** A message's source: one binding, or a group whose member is picked per destination domain. */
+export type Sender = { binding: Binding } | { group: string };
+
 /** A route found in the options, with where it was set (for verify()). */
 export interface ConfiguredRoute {
   readonly path: string;
@@ -62,10 +65,10 @@ export class ScopeResolver {
   }
 
   /**
-   * The binding a message goes out from: its own `binding` or `bindingGroup`, else what
+   * What a message goes out from: its own `binding` or `bindingGroup`, else what
    * `selectBinding` says, else `defaultBinding`. Throws EBINDING for a name that does not exist.
    */
-  bindingFor(mail: SendMailOptions & BindingChoice): Binding {
+  senderFor(mail: SendMailOptions & BindingChoice): Sender {
     let choice: BindingChoice | undefined;
     if (mail.binding !== undefined || mail.bindingGroup !== undefined) {
       choice = { binding: mail.binding, bindingGroup: mail.bindingGroup };
@@ -79,13 +82,40 @@ export class ScopeResolver {
     if (choice.binding !== undefined && choice.bindingGroup !== undefined) {
       throw new BindingPoolError('EBINDING', 'a message names both a binding and a binding group; name one');
     }
-    if (choice.bindingGroup !== undefined) return this.nextInGroup(choice.bindingGroup);
+    if (choice.bindingGroup !== undefined) {
+      const group = this.options.bindingGroups[choice.bindingGroup];
+      if (!group) {
+        throw new BindingPoolError('EBINDING', `unknown binding group ${JSON.stringify(choice.bindingGroup)}${suggestion(String(choice.bindingGroup), Object.keys(this.options.bindingGroups))}; nothing of this message was sent`);
+      }
+      return { group: choice.bindingGroup };
+    }
     const name = choice.binding ?? BUILT_IN_BINDING;
     const binding = this.bindings.get(name);
     if (!binding) {
       throw new BindingPoolError('EBINDING', `unknown binding ${JSON.stringify(name)}${suggestion(String(name), [...this.bindings.keys()])}; nothing of this message was sent`);
     }
-    return binding;
+    return { binding };
+  }
+
+  /**
+   * The binding for one destination domain of a message: a fixed binding as it is; for a group,
+   * the next member in round-robin order, skipping members whose pool for the domain is backing
+   * off after failed connects (all unhealthy: round-robin as usual).
+   */
+  bindingFor(sender: Sender, healthy: (binding: Binding) => boolean): Binding {
+    if ('binding' in sender) return sender.binding;
+    const members = this.options.bindingGroups[sender.group].bindings;
+    const start = this.groupCursor.get(sender.group) ?? 0;
+    let chosen = start;
+    for (let step = 0; step < members.length; step++) {
+      const index = (start + step) % members.length;
+      if (healthy(this.bindings.get(members[index])!)) {
+        chosen = index;
+        break;
+      }
+    }
+    this.groupCursor.set(sender.group, (chosen + 1) % members.length);
+    return this.bindings.get(members[chosen])!;
   }
 
   /** The value of every scoped option for a (binding, domain) pair. */
@@ -144,15 +174,5 @@ export class ScopeResolver {
 
   private choiceForName(name: string): BindingChoice {
     return name in this.options.bindingGroups ? { bindingGroup: name } : { binding: name };
-  }
-
-  private nextInGroup(groupName: string): Binding {
-    const group = this.options.bindingGroups[groupName];
-    if (!group) {
-      throw new BindingPoolError('EBINDING', `unknown binding group ${JSON.stringify(groupName)}${suggestion(String(groupName), Object.keys(this.options.bindingGroups))}; nothing of this message was sent`);
-    }
-    const cursor = this.groupCursor.get(groupName) ?? 0;
-    this.groupCursor.set(groupName, (cursor + 1) % group.bindings.length);
-    return this.bindings.get(group.bindings[cursor])!;
   }
 }

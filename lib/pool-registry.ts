@@ -144,6 +144,11 @@ export class DestinationPool {
     done.then(() => this.armIdleTimer(), () => this.armIdleTimer());
   }
 
+  /** False while the pool is backing off after failed connects. */
+  get healthy(): boolean {
+    return Date.now() >= this.backoffUntil;
+  }
+
   /** No connection lent out, no send waiting. */
   get idle(): boolean {
     return this.pool.borrowed === 0 && this.pool.pending === 0;
@@ -274,6 +279,11 @@ export class PoolRegistry {
 
   get size(): number {
     return this.pools.size;
+  }
+
+  /** False while the pair's pool is backing off after failed connects; a pair without a pool is healthy. */
+  healthy(binding: string, domain: string): boolean {
+    return this.pools.get(`${binding}\0${domain}`)?.healthy ?? true;
   }
 
   stats(): { pools: PoolStats[]; droppedPools: DroppedPoolTotals } {

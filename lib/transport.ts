@@ -149,7 +149,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   private async deliver(mail: MailMessage<BindingPoolSentMessageInfo>): Promise<BindingPoolSentMessageInfo> {
     const data = mail.data as typeof mail.data & BindingChoice;
     // Everything that can refuse the message as a whole is checked before a byte goes out.
-    const binding = this.scopes.bindingFor(data);
+    const sender = this.scopes.senderFor(data);
     const envelope = mail.message.getEnvelope();
     const from = envelope.from || '';
     assertNoInjection(from, 'sender');
@@ -163,15 +163,16 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
       throw new BindingPoolError('EMESSAGE', `the message could not be built: ${describeError(err)}; nothing was sent`, { cause: err });
     }
     const messageId = mail.message.messageId();
-    transportLog('%s: %d recipient(s), %d domain(s), binding %s', messageId, envelope.to.length, byDomain.size, binding.name);
+    transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);
 
     const deliveries = [...byDomain].map(([domain, recipients]) => {
+      const binding = this.scopes.bindingFor(sender, (member) => this.registry.healthy(member.name, domain));
       const options = this.scopes.resolve(binding, domain);
       return this.deliverDomain(binding, domain, options, recipients, { from, size: message.length, dsn: data.dsn }, message);
     });
     const domains = await Promise.all(deliveries);
     if (invalid.length > 0) {
-      const unparsed = emptyDomainResult(INVALID_ADDRESSES, binding.name);
+      const unparsed = emptyDomainResult(INVALID_ADDRESSES, 'binding' in sender ? sender.binding.name : sender.group);
       unparsed.rejected = invalid.map(({ address, reason }) => ({ recipient: address, status: 'rejected', response: `invalid address: ${reason}` }));
       domains.push(unparsed);
     }

@@ -42,12 +42,16 @@ export interface Behaviour {
   dropAtDataCommand?: (transaction: SeenTransaction, connection: SeenConnection) => boolean;
   /** Wait this long (ms) before answering the final dot. */
   dataReplyDelay?: number;
+  /** Greeting for a client by source address: a code and text refuse the connection (not recorded in `connections`). */
+  greeting?: (remoteAddress: string) => { code: number; message: string } | undefined;
   /** Extra smtp-server options. */
   server?: Partial<SMTPServerOptions>;
 }
 
 export class RecordingServer {
   readonly connections: SeenConnection[] = [];
+  /** Source addresses of connections refused at the greeting. */
+  readonly refusedConnections: string[] = [];
   /** Total messages whose final dot was reached, across connections. */
   private dataCount = 0;
   private readonly byId = new Map<string, SeenConnection>();
@@ -98,6 +102,11 @@ export class RecordingServer {
       closeTimeout: 100,
       onConnect: (session, callback) => {
         const seen: SeenConnection = { id: session.id, remoteAddress: session.remoteAddress, ehloName: '', transactions: [], secure: session.secure, closed: false, mailRefused: 0 };
+        const refusal = this.behaviour.greeting?.(session.remoteAddress.replace(/^::ffff:/, ''));
+        if (refusal) {
+          this.refusedConnections.push(session.remoteAddress.replace(/^::ffff:/, ''));
+          return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));
+        }
         this.byId.set(session.id, seen);
         this.connections.push(seen);
         callback();

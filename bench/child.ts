@@ -1,0 +1,304 @@
+/**
+ * One round of one candidate, in its own process so CPU time and peak RSS are its own:
+ * `node build/bench/child.js '<RunSpec JSON>'`. Warms up on a separate instance (a few hundred
+ * sends, closed before measuring), then runs the measured sends and prints one result line.
+ */
+import nodemailer from 'nodemailer';
+import SMTPConnection from 'nodemailer/lib/smtp-connection';
+import type { MailMessage, SendMailOptions, Transport } from 'nodemailer';
+import { BindingPoolTransport, type BindingPoolOptions } from '../lib';
+import {
+  BINDING_ADDRESSES,
+  CONNECTIONS,
+  COMPOSED_TEXT,
+  RESULT_PREFIX,
+  SENDER,
+  buildRawMessage,
+  byDomain,
+  pump,
+  sendFor,
+  sleep,
+  type RunResult,
+  type RunSpec,
+  type Send,
+} from './common';
+
+const RAW = buildRawMessage();
+
+/** Every SMTP connection any candidate opens goes through SMTPConnection#connect. */
+let connectCalls = 0;
+const proto = SMTPConnection.prototype as unknown as { connect: (...args: unknown[]) => unknown };
+const originalConnect = proto.connect;
+proto.connect = function (this: unknown, ...args: unknown[]) {
+  connectCalls++;
+  return originalConnect.apply(this, args);
+};
+
+interface Candidate {
+  /** Resolves to the number of recipients accepted. */
+  send(i: number): Promise<number>;
+  close(): Promise<void>;
+  /** Connections by the candidate's own count, when it keeps one. */
+  ownConnections?(): number;
+}
+
+function mailFor(spec: RunSpec, send: Send, i: number, to = send.to): SendMailOptions {
+  if (spec.message === 'raw') return { envelope: { from: SENDER, to }, raw: RAW };
+  const mail: SendMailOptions = { from: SENDER, to: send.to, subject: `benchmark message ${i}`, text: COMPOSED_TEXT };
+  // A per-domain caller keeps the headers and narrows the envelope.
+  if (to !== send.to) mail.envelope = { from: SENDER, to };
+  return mail;
+}
+
+function bindingPool(spec: RunSpec): Candidate {
+  const options: BindingPoolOptions = {
+    route: { host: spec.host, port: spec.port },
+    maxOutboundConnections: CONNECTIONS,
+    maxDeliveriesPerConnection: spec.limit,
+  };
+  if (spec.shape === 'many-domains') {
+    options.bindings = Object.fromEntries(BINDING_ADDRESSES.map((address, k) => [`b${k}`, { localAddress: address }]));
+    options.defaultBinding = 'b0';
+  }
+  const pool = new BindingPoolTransport(options);
+  let closed = 0;
+  pool.on('connectionClosed', () => closed++);
+  const transporter = nodemailer.createTransport(pool);
+  let openedBeforeClose = 0;
+  return {
+    async send(i) {
+      const send = sendFor(spec.shape, i, spec.round);
+      const mail = mailFor(spec, send, i);
+      if (send.binding !== undefined) mail.binding = `b${send.binding}`;
+      const info = await transporter.sendMail(mail);
+      return info.accepted.length;
+    },
+    async close() {
+      const stats = pool.stats();
+      openedBeforeClose = stats.droppedPools.opened + stats.pools.reduce((sum, p) => sum + p.opened, 0);
+      await pool.close();
+    },
+    ownConnections: () => Math.max(openedBeforeClose, closed),
+  };
+}
+
+function smtpPoolOptions(spec: RunSpec, localAddress?: string) {
+  return {
+    pool: true as const,
+    host: spec.host,
+    port: spec.port,
+    secure: false,
+    ignoreTLS: true,
+    maxConnections: CONNECTIONS,
+    maxMessages: spec.limit > 0 ? spec.limit : Infinity,
+    ...(localAddress !== undefined && { localAddress }),
+  };
+}
+
+function nodemailerPool(spec: RunSpec): Candidate {
+  const transporter = nodemailer.createTransport(smtpPoolOptions(spec));
+  return {
+    async send(i) {
+      const send = sendFor(spec.shape, i, spec.round);
+      const info = await transporter.sendMail(mailFor(spec, send, i));
+      return info.accepted.length;
+    },
+    async close() {
+      transporter.close();
+    },
+  };
+}
+
+/** One Nodemailer pool per (binding, domain), created on first use; a fan-out message is split per domain. */
+function nodemailerMap(spec: RunSpec): Candidate {
+  const pools = new Map<string, ReturnType<typeof nodemailer.createTransport>>();
+  const poolFor = (binding: number | undefined, domain: string) => {
+    const key = `${binding ?? ''}|${domain}`;
+    let transporter = pools.get(key);
+    if (!transporter) {
+      transporter = nodemailer.createTransport(smtpPoolOptions(spec, binding === undefined ? undefined : BINDING_ADDRESSES[binding]));
+      pools.set(key, transporter);
+    }
+    return transporter;
+  };
+  return {
+    async send(i) {
+      const send = sendFor(spec.shape, i, spec.round);
+      const parts = [...byDomain(send.to)].map(async ([domain, to]) => {
+        const info = await poolFor(send.binding, domain).sendMail(mailFor(spec, send, i, to.length === send.to.length ? send.to : to));
+        return (info.accepted as unknown[]).length;
+      });
+      return (await Promise.all(parts)).reduce((a, b) => a + b, 0);
+    },
+    async close() {
+      for (const transporter of pools.values()) transporter.close();
+    },
+  };
+}
+
+/** A transport that builds and reads the message and sends nothing: Nodemailer's own cost. */
+class NoopTransport implements Transport<{ envelope: unknown; messageId: string; accepted: string[] }> {
+  readonly name = 'noop';
+  readonly version = '1';
+  send(mail: MailMessage<{ envelope: unknown; messageId: string; accepted: string[] }>, callback: (err: Error | null, info?: { envelope: unknown; messageId: string; accepted: string[] }) => void): void {
+    const envelope = mail.message.getEnvelope();
+    const stream = mail.message.createReadStream();
+    stream.on('data', () => {});
+    stream.once('error', (err: Error) => callback(err));
+    stream.once('end', () => callback(null, { envelope, messageId: mail.message.messageId(), accepted: envelope.to }));
+  }
+}
+
+function noopTransport(spec: RunSpec): Candidate {
+  const transporter = nodemailer.createTransport(new NoopTransport());
+  return {
+    async send(i) {
+      const send = sendFor(spec.shape, i, spec.round);
+      const info = await transporter.sendMail(mailFor(spec, send, i));
+      return info.accepted.length;
+    },
+    async close() {},
+  };
+}
+
+/**
+ * Ceiling: 5 connections, each sending its share of transactions back to back with the prebuilt
+ * raw bytes (also for composed scenarios), one transaction per (message, domain). With a limit a
+ * connection QUITs after that many deliveries and the worker opens a new one.
+ */
+function smtpConnectionLoop(spec: RunSpec): Candidate & { runAll(n: number): Promise<{ accepted: number; failed: number; firstError?: string }> } {
+  const open = async (): Promise<SMTPConnection> => {
+    const connection = new SMTPConnection({ host: spec.host, port: spec.port, secure: false, ignoreTLS: true, logger: false });
+    connection.on('error', () => {});
+    await new Promise<void>((resolve, reject) => connection.connect((err?: Error | null) => (err ? reject(err) : resolve())));
+    return connection;
+  };
+  const transact = (connection: SMTPConnection, to: string[]) =>
+    new Promise<number>((resolve, reject) =>
+      connection.send({ from: SENDER, to }, RAW, (err, info) => (err ? reject(err) : resolve(info!.accepted.length))),
+    );
+  const live = new Set<SMTPConnection>();
+  return {
+    send: () => Promise.reject(new Error('use runAll')),
+    async runAll(n) {
+      const queue: string[][] = [];
+      for (let i = 0; i < n; i++) for (const group of byDomain(sendFor(spec.shape, i, spec.round).to).values()) queue.push(group);
+      let next = 0;
+      let accepted = 0;
+      let failed = 0;
+      let firstError: string | undefined;
+      const worker = async (): Promise<void> => {
+        let connection: SMTPConnection | undefined;
+        let delivered = 0;
+        while (next < queue.length) {
+          if (!connection) {
+            connection = await open();
+            live.add(connection);
+            delivered = 0;
+            // Other workers may have taken the rest of the queue while this one connected.
+            if (next >= queue.length) break;
+          }
+          const to = queue[next++];
+          try {
+            const n = await transact(connection, to);
+            accepted += n;
+            delivered += n;
+          } catch (err) {
+            failed++;
+            firstError ??= String(err);
+          }
+          if (spec.limit > 0 && delivered >= spec.limit) {
+            connection.quit();
+            live.delete(connection);
+            connection = undefined;
+          }
+        }
+      };
+      await Promise.all(Array.from({ length: CONNECTIONS }, worker));
+      return { accepted, failed, ...(firstError !== undefined && { firstError }) };
+    },
+    async close() {
+      for (const connection of live) connection.quit();
+      live.clear();
+    },
+  };
+}
+
+function makeCandidate(spec: RunSpec): Candidate {
+  switch (spec.candidate) {
+    case 'binding-pool':
+      return bindingPool(spec);
+    case 'nodemailer-pool':
+      return nodemailerPool(spec);
+    case 'nodemailer-map':
+      return nodemailerMap(spec);
+    case 'noop-transport':
+      return noopTransport(spec);
+    case 'smtp-connection':
+      return smtpConnectionLoop(spec);
+  }
+}
+
+async function runSends(spec: RunSpec, candidate: Candidate, n: number) {
+  if ('runAll' in candidate) return (candidate as ReturnType<typeof smtpConnectionLoop>).runAll(n);
+  return pump(n, spec.window, (i) => candidate.send(i));
+}
+
+async function main(): Promise<void> {
+  const spec = JSON.parse(process.argv[2]) as RunSpec;
+  const gc = (globalThis as { gc?: () => void }).gc;
+
+  if (spec.warmupSends > 0) {
+    const warm = makeCandidate({ ...spec, round: -1 });
+    const result = await runSends(spec, warm, spec.warmupSends);
+    await warm.close();
+    if (result.failed > 0) throw new Error(`warm-up failed: ${result.failed} sends, first: ${result.firstError}`);
+    await sleep(50);
+  }
+  gc?.();
+
+  const candidate = makeCandidate(spec);
+  connectCalls = 0;
+  const cpu = process.cpuUsage();
+  const started = process.hrtime.bigint();
+  const outcome = await runSends(spec, candidate, spec.sends);
+  const ms = Number(process.hrtime.bigint() - started) / 1e6;
+  const used = process.cpuUsage(cpu);
+  const connections = connectCalls;
+  await candidate.close();
+
+  const expected = Array.from({ length: spec.sends }, (_, i) => sendFor(spec.shape, i, spec.round).to.length).reduce((a, b) => a + b, 0);
+  const result: RunResult = {
+    scenario: spec.scenario,
+    candidate: spec.candidate,
+    round: spec.round,
+    sends: spec.sends,
+    accepted: outcome.accepted,
+    expected,
+    failed: outcome.failed,
+    ...(outcome.firstError !== undefined && { firstError: outcome.firstError }),
+    ms,
+    rate: (outcome.accepted / ms) * 1000,
+    cpuUserMs: used.user / 1000,
+    cpuSystemMs: used.system / 1000,
+    peakRssMiB: process.resourceUsage().maxRSS / 1024,
+    connections,
+    ...(candidate.ownConnections && { ownConnections: candidate.ownConnections() }),
+    messageBytes: spec.message === 'raw' ? RAW.length : await composedSize(spec),
+  };
+  process.stdout.write(RESULT_PREFIX + JSON.stringify(result) + '\n');
+  // Nodemailer's pool closes its sockets in the background; do not wait for them.
+  setTimeout(() => process.exit(0), 200).unref();
+}
+
+/** Size of one composed message, for the report. */
+async function composedSize(spec: RunSpec): Promise<number> {
+  const transporter = nodemailer.createTransport({ streamTransport: true, buffer: true });
+  const info = await transporter.sendMail(mailFor(spec, sendFor('one-domain', 0, 0), 0));
+  return (info.message as Buffer).length;
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`child failed: ${err instanceof Error ? err.stack : String(err)}\n`);
+  process.exit(1);
+});

@@ -7,7 +7,7 @@
  * recipient. It knows nothing of pools, domains or retries: the caller decides what a verdict
  * means for the work left.
  */
-import { Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import { connectionLog } from './log';
@@ -106,6 +106,9 @@ interface EnvelopeState extends SMTPConnection.Envelope {
 }
 
 let nextConnectionId = 1;
+
+/** How long a closing connection waits for the server's QUIT reply, then for its socket to close. */
+const CLOSE_GRACE_MS = 2_000;
 
 export class CountingConnection {
   readonly id: string;
@@ -211,14 +214,16 @@ export class CountingConnection {
     this.transactions++;
     // Counted before sending: a limit must hold even when the replies never come.
     this.recipients += rcpts.length;
-    const source = new MessageSource(message);
-    const state: EnvelopeState = { ...envelope, to: [...rcpts] };
+    const source = new MessageHandover(message);
+    // A fresh object per transaction: SMTPConnection records the RCPT replies on it.
+    const state: EnvelopeState = { from: envelope.from, size: envelope.size, dsn: envelope.dsn, use8BitMime: envelope.use8BitMime, to: rcpts as string[] };
     return new Promise((resolve) => {
-      this.smtp.send(state, source, (err, info) => {
-        const replies = err ? this.failedTransaction(rcpts, state, err as SmtpError, source.readableEnded) : this.completedTransaction(rcpts, info);
-        const delivered = replies.filter((r) => r.verdict === 'delivered').length;
+      this.smtp.send(state, source as unknown as Readable, (err, info) => {
+        const replies = err ? this.failedTransaction(rcpts, state, err as SmtpError, source.handedOver) : this.completedTransaction(rcpts, info);
+        let delivered = 0;
+        for (const reply of replies) if (reply.verdict === 'delivered') delivered++;
         this.deliveries += delivered;
-        connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
+        if (connectionLog.enabled) connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
         this.retireIfSpent();
         if (err && !this.ended && this.usable) {
           // The transaction failed but the session is alive: RSET before it carries another.
@@ -244,23 +249,30 @@ export class CountingConnection {
     if (this.ended) return this.socketClosed();
     connectionLog('%s closing: %s (%d deliveries, %d rcpt)', this.id, this.retireReason, this.deliveries, this.recipients);
     return new Promise<void>((resolve) => {
-      this.endWaiters.push(resolve);
+      // A server that never answers QUIT must not hold close() up.
+      const quitTimer = setTimeout(() => this.smtp.close(), CLOSE_GRACE_MS).unref();
+      this.endWaiters.push(() => {
+        clearTimeout(quitTimer);
+        resolve();
+      });
       if (this.smtp.stage === 'connected') this.smtp.quit();
       else this.smtp.close();
-      // A server that never answers QUIT must not hold close() up.
-      setTimeout(() => this.smtp.close(), 2_000).unref();
     }).then(() => this.socketClosed());
   }
 
+  /** Resolves when the socket is gone; a peer that never closes its side gets CLOSE_GRACE_MS. */
   private socketClosed(): Promise<void> {
     const socket = this.smtp._socket;
     if (!socket || socket.destroyed) return Promise.resolve();
     return new Promise((resolve) => {
-      socket.once('close', () => resolve());
-      setTimeout(() => {
+      const timer = setTimeout(() => {
         socket.destroy();
         resolve();
-      }, 2_000).unref();
+      }, CLOSE_GRACE_MS).unref();
+      socket.once('close', () => {
+        clearTimeout(timer);
+        resolve();
+      });
     });
   }
 
@@ -271,12 +283,14 @@ export class CountingConnection {
   }
 
   private completedTransaction(rcpts: readonly string[], info: SMTPConnection.SentMessageInfo): RecipientReply[] {
+    const responseCode = replyCode(info.response);
+    const rejectedErrors = (info.rejectedErrors ?? []) as SmtpError[];
+    if (rejectedErrors.length === 0) return rcpts.map((rcpt) => ({ rcpt, verdict: 'delivered', response: info.response, responseCode }));
     const failures = new Map<string, SmtpError>();
-    for (const err of (info.rejectedErrors ?? []) as SmtpError[]) if (err.recipient) failures.set(err.recipient, err);
+    for (const err of rejectedErrors) if (err.recipient) failures.set(err.recipient, err);
     return rcpts.map((rcpt) => {
       const failure = failures.get(rcpt);
-      if (failure) return verdictFromReply(rcpt, failure);
-      return { rcpt, verdict: 'delivered', response: info.response, responseCode: replyCode(info.response) };
+      return failure ? verdictFromReply(rcpt, failure) : { rcpt, verdict: 'delivered', response: info.response, responseCode };
     });
   }
 
@@ -323,19 +337,31 @@ function replyCode(response: string | undefined): number | undefined {
 }
 
 /**
- * The message as a stream: SMTPConnection reads it only after the server answered DATA with 354,
- * so `readableEnded` tells whether the whole message (and so possibly the final dot) went out.
+ * The message for one transaction, in the shape SMTPConnection reads a stream: it pipes it only
+ * after the server answered DATA with 354, and then writes it whole, so `handedOver` tells
+ * whether the message (and so possibly the final dot) went out. Much cheaper than a Readable
+ * per transaction.
  */
-class MessageSource extends Readable {
-  private readonly bytes: Buffer;
+class MessageHandover {
+  handedOver = false;
 
-  constructor(bytes: Buffer) {
-    super();
-    this.bytes = bytes;
+  constructor(private readonly bytes: Buffer) {}
+
+  pipe<T extends NodeJS.WritableStream>(destination: T): T {
+    this.handedOver = true;
+    destination.write(this.bytes);
+    destination.end();
+    return destination;
   }
 
-  override _read(): void {
-    this.push(this.bytes);
-    this.push(null);
+  // SMTPConnection listens for a stream error and destroys the stream on teardown: nothing to do here.
+  on(): this {
+    return this;
   }
+
+  removeListener(): this {
+    return this;
+  }
+
+  destroy(): void {}
 }

@@ -73,7 +73,10 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
   const hosts = new Set<string>();
   const connections = new Map<string, ConnectionUse>();
   const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string): void => {
-    result[status].push({ recipient: item.recipient.address, status, response, ...(responseCode !== undefined && { responseCode }), ...(host !== undefined && { host }) });
+    const outcome: RecipientOutcome = { recipient: item.recipient.address, status, response };
+    if (responseCode !== undefined) outcome.responseCode = responseCode;
+    if (host !== undefined) outcome.host = host;
+    result[status].push(outcome);
   };
 
   // Each worker holds one connection at a time; a large recipient list spreads over several.
@@ -109,7 +112,8 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         settle(item, status, reply.response, reply.responseCode, host);
       });
       if (again.length > 0) {
-        deliveryLog('%s: %d recipient(s) go on over another connection after %s', connection.id, again.length, replies.find((r) => r.verdict !== 'delivered')?.response);
+        if (deliveryLog.enabled)
+          deliveryLog('%s: %d recipient(s) go on over another connection after %s', connection.id, again.length, replies.find((r) => r.verdict !== 'delivered')?.response);
         queue.unshift(...again);
       }
     }
@@ -117,7 +121,8 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
 
   const perTransaction = Math.max(1, job.maxRecipientsPerTransaction);
   const workers = Math.min(job.maxConnections, Math.ceil(queue.length / perTransaction));
-  await Promise.all(Array.from({ length: Math.max(1, workers) }, worker));
+  if (workers <= 1) await worker();
+  else await Promise.all(Array.from({ length: workers }, worker));
   result.hosts = [...hosts];
   result.connections = [...connections.values()];
   return result;

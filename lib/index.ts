@@ -1,7 +1,7 @@
 export { BindingPoolTransport, VERSION } from './transport';
 export type { BindingPoolSentMessageInfo, BindingPoolSendError, TransportStats } from './transport';
-export type { DomainResult, RecipientOutcome, RecipientStatus } from './delivery';
-export type { ConnectionSummary, PoolStats } from './pool-registry';
+export type { ConnectionUse, DomainResult, RecipientOutcome, RecipientStatus } from './delivery';
+export type { ConnectionSummary, DroppedPoolTotals, PoolStats } from './pool-registry';
 export type { RetireReason } from './connection';
 export { BindingPoolError, ConfigError } from './errors';
 export type { BindingPoolErrorCode } from './errors';
@@ -14,9 +14,12 @@ export type {
   RouteOptions,
   RouteAuth,
   ScopedOptions,
+  TlsPolicy,
 } from './options';
 
-// A message may name its binding or binding group in sendMail() without a cast.
+// A message may name its binding or binding group in sendMail() without a cast. The build copies
+// this block into dist/esm/index.d.mts (scripts/build.mjs): Nodemailer has separate declarations
+// for `import` and `require`, and each entry point's types must augment the copy they resolve to.
 declare module 'nodemailer/lib/mailer' {
   interface SendMailOptions {
     /** Send from this binding. */

@@ -7,15 +7,18 @@ import type { SendMailOptions } from 'nodemailer';
 
 /** Credentials for a relay route. */
 export interface RouteAuth {
+  /** User name for SMTP AUTH. */
   user: string;
+  /** Password for SMTP AUTH. Never logged. */
   pass: string;
 }
 
 /**
- * A static route: where a domain's mail goes instead of its MX hosts. The field names are
- * Nodemailer's SMTP connection options.
+ * A static route: where a domain's mail goes instead of its MX hosts (Momentum's `gateway` /
+ * `routes`). The field names are Nodemailer's SMTP connection options.
  */
 export interface RouteOptions {
+  /** Host name or IP address of the relay. */
   host: string;
   /** Default 25 (465 when `secure`). */
   port?: number;
@@ -28,7 +31,7 @@ export interface RouteOptions {
   ignoreTLS?: boolean;
   /** Node TLS options for this route (certificate checks, servername, minimum version). */
   tls?: TlsConnectionOptions;
-  /** Speak LMTP instead of SMTP (per-recipient DATA replies). */
+  /** Speak LMTP instead of SMTP (per-recipient DATA replies); Momentum `delivery_method = LMTP`. Default false. */
   lmtp?: boolean;
   /** Send `auth` credentials even when the connection is not encrypted. Default false: such a connection is refused. */
   allowUnencryptedAuth?: boolean;
@@ -60,7 +63,7 @@ export interface ScopedOptions {
   connectBackoff?: number;
   /** Ceiling of that pause (ms). Default 60 000. */
   maxConnectBackoff?: number;
-  /** Deliver through this host instead of the domain's MX hosts. */
+  /** Deliver through this host instead of the domain's MX hosts (Momentum `gateway` / `routes`). Default: none, direct-to-MX delivery. */
   route?: RouteOptions;
   /** Port of the MX hosts (direct delivery). Default 25. */
   port?: number;
@@ -71,39 +74,46 @@ export interface ScopedOptions {
    * `ifavailable`. A route's own `requireTLS` / `ignoreTLS` win over it.
    */
   tls?: TlsPolicy;
-  /** Node TLS options for every connection in this scope (merged under a route's own `tls`). */
+  /** Node TLS options for every connection in this scope (merged under a route's own `tls`). Default: none (Node's defaults). */
   tlsOptions?: TlsConnectionOptions;
 }
 
 export type TlsPolicy = 'no' | 'ifavailable' | 'required';
 
-/** A binding's or binding group's per-domain stanza, and a global domain stanza. */
+/** A binding's or binding group's per-domain stanza, and a global domain stanza (Momentum `domain`). */
 export type DomainOptions = ScopedOptions;
 
-/** A named source identity. */
+/** A named source identity (Momentum `binding`); its scoped options override the global ones and its binding group's. */
 export interface BindingOptions extends ScopedOptions {
-  /** Source IP address of its connections (Nodemailer's `localAddress`). Unset: the OS picks. */
+  /** Momentum `bind_address`: source IP address of its connections (Nodemailer's `localAddress`). Unset: the OS picks. */
   localAddress?: string;
-  /** Host name sent with EHLO (Nodemailer's `name`). Unset: the global `name`, else the machine's. */
+  /** Momentum `ehlo_hostname`: host name sent with EHLO (Nodemailer's `name`). Unset: the global `name`, else the machine's. */
   name?: string;
   /** Options for single destination domains, most specific of all scopes. */
   domains?: Record<string, DomainOptions>;
 }
 
+/** A named set of bindings (Momentum `binding_group`); its scoped options apply to its members, under their own. */
 export interface BindingGroupOptions extends ScopedOptions {
   /** Names of the bindings in the group; messages spread round-robin over them. */
   bindings: string[];
+  /** Options for single destination domains, for every member of the group (under a member's own domain stanza). */
   domains?: Record<string, DomainOptions>;
 }
 
 /** The name of a binding or a binding group, as a message or `selectBinding` names it. */
 export interface BindingChoice {
+  /** A binding name (a key of `bindings`, or `default`). */
   binding?: string;
+  /** A binding group name (a key of `bindingGroups`). */
   bindingGroup?: string;
 }
 
+/** The transport's options: the global scope's options, plus the bindings, groups and domains that narrow them. */
 export interface BindingPoolOptions extends ScopedOptions {
+  /** Named source identities (Momentum `binding` stanzas). Default: only the built-in `default` binding. */
   bindings?: Record<string, BindingOptions>;
+  /** Named sets of bindings (Momentum `binding_group` stanzas). Default: none. */
   bindingGroups?: Record<string, BindingGroupOptions>;
   /** Global domain stanzas. Keys are domain names (case-insensitive, IDN allowed). */
   domains?: Record<string, DomainOptions>;
@@ -111,7 +121,7 @@ export interface BindingPoolOptions extends ScopedOptions {
   defaultBinding?: string;
   /** Picks a binding for a message that names none: a binding name, or `{ binding }` / `{ bindingGroup }`. */
   selectBinding?: (mail: SendMailOptions) => string | BindingChoice | undefined;
-  /** EHLO name for bindings without their own `name`. */
+  /** Momentum `ehlo_hostname` at the global scope: EHLO name for bindings without their own `name`. Unset: the machine's host name. */
   name?: string;
   /** DNS servers for MX lookups, e.g. `['127.0.0.1:5353']`. Default: the system's. */
   dnsServers?: string[];

@@ -13,6 +13,7 @@
 import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from './errors';
 import { describeTarget, type CountingConnection, type RetireReason } from './connection';
+import type { ResolvedOptions } from './options';
 import { poolLog } from './log';
 
 export interface PoolSettings {
@@ -27,6 +28,8 @@ export interface PoolSettings {
 export type Connector = () => Promise<CountingConnection>;
 
 export interface PoolSpec {
+  /** The pair's options, resolved once for the pool's life. */
+  options: ResolvedOptions;
   settings: PoolSettings;
   connect: Connector;
 }
@@ -73,6 +76,7 @@ type PoolEntry = CountingConnection | ConnectFailure;
 export class DestinationPool {
   readonly binding: string;
   readonly domain: string;
+  readonly options: ResolvedOptions;
   private readonly settings: PoolSettings;
   private readonly connect: Connector;
   private readonly pool: Pool<PoolEntry>;
@@ -95,6 +99,7 @@ export class DestinationPool {
   ) {
     this.binding = binding;
     this.domain = domain;
+    this.options = spec.options;
     this.settings = spec.settings;
     this.connect = spec.connect;
     const { maxConnections, acquireTimeout, idleTimeout } = this.settings;
@@ -102,13 +107,14 @@ export class DestinationPool {
       {
         create: () => this.create(),
         destroy: (entry) => this.destroy(entry),
-        validate: async (entry) => entry instanceof ConnectFailure || entry.usable,
       },
       {
         max: maxConnections,
         min: 0,
         acquireTimeoutMillis: acquireTimeout,
-        testOnBorrow: true,
+        // Checked in acquire() instead: generic-pool's validation is asynchronous and would add
+        // promise turns to every acquire.
+        testOnBorrow: false,
         // Most recently used first, so a trickle keeps one connection warm and the rest idle out.
         fifo: false,
         idleTimeoutMillis: idleTimeout,
@@ -117,25 +123,31 @@ export class DestinationPool {
         numTestsPerEvictionRun: maxConnections,
       },
     );
+    // A pool that is created but never used (its domain turned out to have a null MX) goes too.
+    this.armIdleTimer();
   }
 
   /** A connection for one transaction; rejects with ECONNECT or EACQUIRE. */
   async acquire(): Promise<CountingConnection> {
     if (this.closing) throw new BindingPoolError('ECLOSED', 'the transport is closing');
     clearTimeout(this.idleTimer);
-    let entry: PoolEntry;
-    try {
-      entry = await this.pool.acquire();
-    } catch (err) {
-      this.armIdleTimer();
-      throw new BindingPoolError('EACQUIRE', `no connection to ${this.domain} became free within ${this.settings.acquireTimeout} ms (${describeError(err)})`, { cause: err });
+    for (;;) {
+      let entry: PoolEntry;
+      try {
+        entry = await this.pool.acquire();
+      } catch (err) {
+        this.armIdleTimer();
+        throw new BindingPoolError('EACQUIRE', `no connection to ${this.domain} became free within ${this.settings.acquireTimeout} ms (${describeError(err)})`, { cause: err });
+      }
+      if (entry instanceof ConnectFailure) {
+        await this.pool.destroy(entry);
+        this.armIdleTimer();
+        throw entry.error;
+      }
+      if (entry.usable) return entry;
+      // The server closed it while it sat idle (an idle timeout, a 421): close it, take another.
+      void this.pool.destroy(entry);
     }
-    if (entry instanceof ConnectFailure) {
-      await this.pool.destroy(entry);
-      this.armIdleTimer();
-      throw entry.error;
-    }
-    return entry;
   }
 
   /** Takes a connection back after a transaction; a retired or broken one is closed. */

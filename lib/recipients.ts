@@ -27,8 +27,12 @@ export interface InvalidRecipient {
 }
 
 /** The lower-case ASCII form of a domain, or '' when it is not a valid domain name. */
+/** Plain ASCII host names need no IDNA processing (the common case, kept off the slow path). */
+const ASCII_DOMAIN = /^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$/;
+
 export function normalizeDomain(domain: string): string {
   if (typeof domain !== 'string' || domain === '' || /[\s\0@]/.test(domain)) return '';
+  if (domain.length <= 253 && ASCII_DOMAIN.test(domain) && !/(^|\.)xn--/i.test(domain)) return domain.toLowerCase();
   const ascii = domainToASCII(domain.replace(/\.$/, '')).toLowerCase();
   if (!ascii || ascii.length > 253 || (!ascii.includes('.') && !/^[a-z0-9-]+$/.test(ascii))) return '';
   return ascii;

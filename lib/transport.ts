@@ -5,7 +5,7 @@
  * (or error) shape.
  */
 import { EventEmitter } from 'node:events';
-import { buffer as readAll } from 'node:stream/consumers';
+import type { Readable } from 'node:stream';
 import type { MailMessage, SentMessageInfo, Transport } from 'nodemailer';
 import { ScopeResolver, type Binding } from './config';
 import { deliverToDomain, emptyDomainResult, type DomainDelivery, type DomainResult, type RecipientOutcome } from './delivery';
@@ -84,6 +84,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
         const binding = this.scopes.binding(bindingName)!;
         const resolved = this.scopes.resolve(binding, domain);
         return {
+          options: resolved,
           settings: {
             maxConnections: resolved.maxOutboundConnections,
             acquireTimeout: resolved.acquireTimeout,
@@ -158,19 +159,20 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
 
     let message: Buffer;
     try {
-      message = await readAll(mail.message.createReadStream());
+      message = await readMessage(mail.message.createReadStream());
     } catch (err) {
       throw new BindingPoolError('EMESSAGE', `the message could not be built: ${describeError(err)}; nothing was sent`, { cause: err });
     }
     const messageId = mail.message.messageId();
-    transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);
+    if (transportLog.enabled) transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);
 
-    const deliveries = [...byDomain].map(([domain, recipients]) => {
+    const transaction = { from, size: message.length, dsn: data.dsn };
+    const deliveries: Promise<DomainResult>[] = [];
+    for (const [domain, recipients] of byDomain) {
       const binding = this.scopes.bindingFor(sender, (member) => this.registry.healthy(member.name, domain));
-      const options = this.scopes.resolve(binding, domain);
-      return this.deliverDomain(binding, domain, options, recipients, { from, size: message.length, dsn: data.dsn }, message);
-    });
-    const domains = await Promise.all(deliveries);
+      deliveries.push(this.deliverDomain(binding, domain, recipients, transaction, message));
+    }
+    const domains = deliveries.length === 1 ? [await deliveries[0]] : await Promise.all(deliveries);
     if (invalid.length > 0) {
       const unparsed = emptyDomainResult(INVALID_ADDRESSES, 'binding' in sender ? sender.binding.name : sender.group);
       unparsed.rejected = invalid.map(({ address, reason }) => ({ recipient: address, status: 'rejected', response: `invalid address: ${reason}` }));
@@ -182,23 +184,27 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   private async deliverDomain(
     binding: Binding,
     domain: string,
-    options: ResolvedOptions,
     recipients: DomainDelivery['recipients'],
     envelope: DomainDelivery['envelope'],
     message: Buffer,
   ): Promise<DomainResult> {
-    const decision = await this.router.decide(binding, domain, options);
-    if (decision.kind !== 'hops') {
-      // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
-      const result = emptyDomainResult(domain, binding.name);
-      const status = decision.kind === 'reject' ? 'rejected' : 'pending';
-      result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
-      return result;
+    // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
+    const pool = this.registry.get(binding.name, domain);
+    const options = pool.options;
+    if (!options.route) {
+      const decision = await this.router.decide(binding, domain, options);
+      if (decision.kind !== 'hops') {
+        // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
+        const result = emptyDomainResult(domain, binding.name);
+        const status = decision.kind === 'reject' ? 'rejected' : 'pending';
+        result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
+        return result;
+      }
     }
     return deliverToDomain({
       domain,
       binding: binding.name,
-      pool: this.registry.get(binding.name, domain),
+      pool,
       envelope,
       message,
       recipients,
@@ -224,24 +230,41 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
 }
 
 function summarize(domains: DomainResult[], envelope: { from: string | false; to: string[] }, messageId: string): BindingPoolSentMessageInfo {
-  const pick = (status: 'accepted' | 'rejected' | 'pending'): RecipientOutcome[] => domains.flatMap((d) => d[status]);
-  const accepted = pick('accepted');
-  const rejected = pick('rejected');
-  const pending = pick('pending');
-  const last = accepted.at(-1) ?? pending.at(-1) ?? rejected.at(-1);
-  const info: BindingPoolSentMessageInfo = {
-    envelope,
-    messageId,
-    accepted: accepted.map((o) => o.recipient),
-    rejected: rejected.map((o) => o.recipient),
-    pending: pending.map((o) => o.recipient),
-    response: last?.response ?? '',
-    domains,
-  };
+  const accepted: string[] = [];
+  const rejected: string[] = [];
+  const pending: string[] = [];
+  let lastAccepted: RecipientOutcome | undefined;
+  let lastPending: RecipientOutcome | undefined;
+  let lastRejected: RecipientOutcome | undefined;
+  for (const domain of domains) {
+    for (const outcome of domain.accepted) accepted.push(outcome.recipient);
+    for (const outcome of domain.rejected) rejected.push(outcome.recipient);
+    for (const outcome of domain.pending) pending.push(outcome.recipient);
+    lastAccepted = domain.accepted.at(-1) ?? lastAccepted;
+    lastPending = domain.pending.at(-1) ?? lastPending;
+    lastRejected = domain.rejected.at(-1) ?? lastRejected;
+  }
+  const last = lastAccepted ?? lastPending ?? lastRejected;
+  const info: BindingPoolSentMessageInfo = { envelope, messageId, accepted, rejected, pending, response: last?.response ?? '', domains };
   if (accepted.length > 0) return info;
   const code = pending.length > 0 ? 'EPENDING' : 'EREJECTED';
   const what = pending.length > 0 ? `${pending.length} pending, ${rejected.length} rejected` : `all ${rejected.length} rejected`;
   const err = new BindingPoolError(code, `no recipient was accepted (${what}): ${info.response}`) as BindingPoolSendError;
-  Object.assign(err, { accepted: [], rejected: info.rejected, pending: info.pending, response: info.response, domains, envelope, messageId });
+  Object.assign(err, { accepted, rejected, pending, response: info.response, domains, envelope, messageId });
   throw err;
+}
+
+/** The composed message as one Buffer: read once, sent to every domain and on every retry. */
+function readMessage(stream: Readable): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let length = 0;
+    stream.on('data', (chunk: Buffer | string) => {
+      const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+      chunks.push(bytes);
+      length += bytes.length;
+    });
+    stream.once('error', reject);
+    stream.once('end', () => resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, length)));
+  });
 }

@@ -38,6 +38,8 @@ export interface Behaviour {
   data?: (transaction: SeenTransaction, connection: SeenConnection) => { code: number; message: string } | undefined;
   /** Drop the socket instead of answering the final dot of the n-th message (1-based, across the server). */
   dropBeforeDataReplyOn?: number;
+  /** Never answer this RCPT (the client's socket timeout has to end the transaction). */
+  stallRcpt?: (address: string, connection: SeenConnection) => boolean;
   /** Drop the socket when the DATA command arrives, before answering it with 354 (so before any message byte is sent). */
   dropAtDataCommand?: (transaction: SeenTransaction, connection: SeenConnection) => boolean;
   /** Wait this long (ms) before answering the final dot. */
@@ -56,6 +58,7 @@ export class RecordingServer {
   private dataCount = 0;
   private readonly byId = new Map<string, SeenConnection>();
   private server!: SMTPServer;
+  private stopping: Promise<void> | undefined;
   port = 0;
 
   constructor(
@@ -84,8 +87,10 @@ export class RecordingServer {
     return this.deliveredRecipients().length;
   }
 
-  async stop(): Promise<void> {
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  /** Stops listening and drops the connections left; calling it again waits for the same stop. */
+  stop(): Promise<void> {
+    this.stopping ??= new Promise<void>((resolve) => this.server.close(() => resolve()));
+    return this.stopping;
   }
 
   private connection(session: SMTPServerSession): SeenConnection {
@@ -128,6 +133,7 @@ export class RecordingServer {
         const seen = this.connection(session);
         const transaction = seen.transactions.at(-1)!;
         transaction.rcptAttempts.push(address.address);
+        if (behaviour.stallRcpt?.(address.address, seen)) return;
         const refusal = behaviour.rcpt?.(address.address, seen);
         if (refusal) return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));
         transaction.rcptAccepted.push(address.address);

@@ -101,10 +101,14 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
       const replies = await connection.send(job.envelope, batch.map((item) => item.recipient.rcpt), job.message);
       job.pool.release(connection);
       const again: QueuedRecipient[] = [];
+      // A 452 in a transaction that settled other recipients is the server pacing them, not a
+      // failure: it costs no attempt. Without progress it does, so a server that takes nobody ends.
+      const progressed = replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
       replies.forEach((reply, i) => {
         const item = batch[i];
-        const retryable = reply.verdict === 'retry' || (reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS);
-        if (retryable && ++item.attempts < job.maxAttempts) {
+        const tooMany = reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS;
+        const retryable = reply.verdict === 'retry' || tooMany;
+        if (retryable && (tooMany && progressed ? item.attempts : ++item.attempts) < job.maxAttempts) {
           again.push(item);
           return;
         }

@@ -12,8 +12,6 @@ export type BindingPoolErrorCode =
   | 'EADDRESS'
   /** The message has no recipients. */
   | 'ENORECIPIENTS'
-  /** The domain's scopes resolve to no route. */
-  | 'ENOROUTE'
   /** No connection became free within `acquireTimeout`. */
   | 'EACQUIRE'
   /** Opening a connection failed (or failed recently and the pool is backing off). */

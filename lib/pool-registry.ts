@@ -68,7 +68,11 @@ export interface PoolStats {
 
 /** Stands in a pool for a connect that failed, so create() never rejects (see above). */
 class ConnectFailure {
-  constructor(readonly error: BindingPoolError) {}
+  constructor(
+    readonly error: BindingPoolError,
+    /** The end of the backoff it stands for: borrowed later, it is stale. */
+    readonly validUntil: number,
+  ) {}
 }
 
 type PoolEntry = CountingConnection | ConnectFailure;
@@ -141,6 +145,9 @@ export class DestinationPool {
       }
       if (entry instanceof ConnectFailure) {
         await this.pool.destroy(entry);
+        // Left idle by a send that gave up waiting (acquireTimeout) before the connect failed:
+        // once its backoff is over it must not fail this send; take another (create() dials).
+        if (Date.now() >= entry.validUntil) continue;
         this.armIdleTimer();
         throw entry.error;
       }
@@ -212,6 +219,7 @@ export class DestinationPool {
           `connecting to ${this.domain} failed ${this.consecutiveFailures} time(s) in a row; next attempt in ${this.backoffUntil - now} ms (last error: ${describeError(this.lastConnectError)})`,
           { cause: this.lastConnectError },
         ),
+        this.backoffUntil,
       );
     }
     try {
@@ -228,7 +236,7 @@ export class DestinationPool {
       const pause = Math.min(this.settings.connectBackoff * 2 ** (this.consecutiveFailures - 1), this.settings.maxConnectBackoff);
       this.backoffUntil = Date.now() + pause;
       poolLog('%s/%s connect failed (%d in a row), backing off %d ms: %s', this.binding, this.domain, this.consecutiveFailures, pause, describeError(err));
-      return new ConnectFailure(new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, { cause: err }));
+      return new ConnectFailure(new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, { cause: err }), this.backoffUntil);
     }
   }
 

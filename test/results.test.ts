@@ -2,37 +2,12 @@
  * What a send reports: every recipient exactly once in accepted, rejected or pending, with the
  * server's reply, per domain; and what the server saw agrees with it.
  */
-import type { BindingPoolOptions, BindingPoolSendError, BindingPoolSentMessageInfo } from '../lib';
+import type { BindingPoolSendError, BindingPoolSentMessageInfo } from '../lib';
 import { RecordingServer, type Behaviour } from './support/recording-server';
-import { makeTransport, routeTo } from './support/send';
+import { closedAfterEach, rejection } from './support/harness';
+import { routeTo } from './support/send';
 
-/** Servers and transporters a test opened, closed after it whether it passed or not. */
-const cleanups: (() => Promise<unknown>)[] = [];
-afterEach(async () => {
-  // Transporters first (they QUIT), then the servers.
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
-
-async function startServer(behaviour: Behaviour = {}, port = 0): Promise<RecordingServer> {
-  const server = await RecordingServer.start('127.0.0.1', behaviour, port);
-  cleanups.push(() => server.stop());
-  return server;
-}
-
-function transport(options: BindingPoolOptions): ReturnType<typeof makeTransport> {
-  const made = makeTransport(options);
-  cleanups.push(() => made.pool.close());
-  return made;
-}
-
-async function rejection(sending: Promise<BindingPoolSentMessageInfo>): Promise<BindingPoolSendError> {
-  return sending.then(
-    (info) => {
-      throw new Error(`expected the send to fail, it resolved with ${JSON.stringify(info.accepted)} accepted`);
-    },
-    (err: BindingPoolSendError) => err,
-  );
-}
+const { startServer, transport } = closedAfterEach();
 
 /** `bad…` refused 550 at RCPT, `soft…` deferred 450, the rest accepted. */
 const picky: Behaviour = {
@@ -44,7 +19,13 @@ const picky: Behaviour = {
 };
 
 const rcptAttempts = (server: RecordingServer) => server.connections.flatMap((c) => c.transactions.flatMap((t) => t.rcptAttempts));
-const mail = (to: string | string[], subject = 'hello', extra: Record<string, unknown> = {}) => ({ from: 'sender@example.com', to, subject, text: 'hi', ...extra });
+const mail = (to: string | string[], subject = 'hello', extra: Record<string, unknown> = {}) => ({
+  from: 'sender@example.com',
+  to,
+  subject,
+  text: 'hi',
+  ...extra,
+});
 
 describe('a message for three domains', () => {
   const servers: Record<string, RecordingServer> = {};
@@ -86,8 +67,10 @@ describe('a message for three domains', () => {
       expect(result.rejected.map((o) => o.recipient).sort()).toEqual([...expected.bad].sort());
       expect(result.pending.map((o) => o.recipient).sort()).toEqual([...expected.soft].sort());
       for (const o of result.accepted) expect(o).toMatchObject({ status: 'accepted', responseCode: 250, host, response: expect.stringMatching(/^250 /) });
-      for (const o of result.rejected) expect(o).toMatchObject({ status: 'rejected', responseCode: 550, host, response: expect.stringMatching(/^550 .*no such user/) });
-      for (const o of result.pending) expect(o).toMatchObject({ status: 'pending', responseCode: 450, host, response: expect.stringMatching(/^450 .*mailbox busy/) });
+      for (const o of result.rejected)
+        expect(o).toMatchObject({ status: 'rejected', responseCode: 550, host, response: expect.stringMatching(/^550 .*no such user/) });
+      for (const o of result.pending)
+        expect(o).toMatchObject({ status: 'pending', responseCode: 450, host, response: expect.stringMatching(/^450 .*mailbox busy/) });
 
       // The server saw every recipient of its domain once (a 450 is not retried at once) and
       // took the message for the accepted ones only.

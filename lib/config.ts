@@ -28,8 +28,11 @@ export interface Binding {
   readonly group: string | undefined;
 }
 
-/** A message's source: one binding, or a group whose member is picked per destination domain. */
-export type Sender = { binding: Binding } | { group: string };
+/**
+ * A message's source by name (plain data, so it can cross to a delivery thread): one binding, or
+ * a group whose member is picked per destination domain.
+ */
+export type SenderName = { binding: string } | { group: string };
 
 /** A route found in the options, with where it was set (for verify()). */
 export interface ConfiguredRoute {
@@ -68,7 +71,7 @@ export class ScopeResolver {
    * What a message goes out from: its own `binding` or `bindingGroup`, else what
    * `selectBinding` says, else `defaultBinding`. Throws EBINDING for a name that does not exist.
    */
-  senderFor(mail: SendMailOptions & BindingChoice): Sender {
+  senderFor(mail: SendMailOptions & BindingChoice): SenderName {
     let choice: BindingChoice | undefined;
     if (mail.binding !== undefined || mail.bindingGroup !== undefined) {
       choice = { binding: mail.binding, bindingGroup: mail.bindingGroup };
@@ -94,7 +97,7 @@ export class ScopeResolver {
     if (!binding) {
       throw new BindingPoolError('EBINDING', `unknown binding ${JSON.stringify(name)}${suggestion(String(name), [...this.bindings.keys()])}; nothing of this message was sent`);
     }
-    return { binding };
+    return { binding: binding.name };
   }
 
   /**
@@ -102,8 +105,8 @@ export class ScopeResolver {
    * the next member in round-robin order, skipping members whose pool for the domain is backing
    * off after failed connects (all unhealthy: round-robin as usual).
    */
-  bindingFor(sender: Sender, healthy: (binding: Binding) => boolean): Binding {
-    if ('binding' in sender) return sender.binding;
+  bindingFor(sender: SenderName, healthy: (binding: Binding) => boolean): Binding {
+    if ('binding' in sender) return this.bindings.get(sender.binding)!;
     const members = this.options.bindingGroups[sender.group].bindings;
     const start = this.groupCursor.get(sender.group) ?? 0;
     let chosen = start;

@@ -1,21 +1,19 @@
 /**
- * The Nodemailer glue: a Transport that builds each message once, groups its recipients by
- * destination domain, picks the message's binding, and delivers every domain's share over the
- * pool for that (binding, domain) pair. It turns the per-domain outcomes into Nodemailer's info
- * (or error) shape.
+ * The Nodemailer glue: a Transport that builds each message once, checks and groups its
+ * recipients by destination domain, names the message's binding, and hands it to the delivery
+ * engine (engine.ts). It turns the per-domain outcomes into Nodemailer's info (or error) shape.
  */
 import { EventEmitter } from 'node:events';
 import type { Readable } from 'node:stream';
 import type { MailMessage, SentMessageInfo, Transport } from 'nodemailer';
-import { ScopeResolver, type Binding } from './config';
-import { deliverToDomain, emptyDomainResult, type DomainDelivery, type DomainResult, type RecipientOutcome } from './delivery';
+import { ScopeResolver } from './config';
+import { emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery';
+import { LocalEngine, type Engine, type EngineStats } from './engine';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
-import { DNS_OPTIONS, SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions, type ResolvedOptions } from './options';
-import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
+import { SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
+import type { ConnectionSummary } from './pool-registry';
 import { assertNoInjection, groupByDomain } from './recipients';
-import { MxResolver } from './mx-resolver';
-import { Router } from './routing';
 
 export const VERSION = '0.1.0';
 
@@ -40,15 +38,9 @@ export interface BindingPoolSendError extends BindingPoolError {
   domains: DomainResult[];
 }
 
-export interface TransportStats {
-  /** Live pools, one per (binding, domain) pair. */
-  pools: PoolStats[];
-  /** Totals of pools already dropped for idleness. */
-  droppedPools: DroppedPoolTotals;
+export interface TransportStats extends EngineStats {
   /** Sends in progress. */
   sending: number;
-  /** DNS queries sent for MX delivery, and domains in the cache. */
-  dns: { queries: number; cachedDomains: number };
 }
 
 type SendCallback = (err: Error | null, info?: BindingPoolSentMessageInfo) => void;
@@ -60,43 +52,17 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   readonly name = 'BindingPool';
   readonly version = VERSION;
   private readonly scopes: ScopeResolver;
-  private readonly registry: PoolRegistry;
-  private readonly mx: MxResolver;
-  private readonly router: Router;
+  private readonly engine: Engine;
   private readonly inFlight = new Set<Promise<unknown>>();
   private closed = false;
   private closing: Promise<void> | undefined;
 
   constructor(options: BindingPoolOptions = {}) {
     super();
+    // Checks the options (throws ConfigError) and names bindings for messages.
     this.scopes = new ScopeResolver(options);
-    const checked = this.scopes.options;
-    this.mx = new MxResolver({
-      servers: checked.dnsServers,
-      minTtl: checked.minDnsTtl ?? DNS_OPTIONS.minDnsTtl.default,
-      maxTtl: checked.maxDnsTtl ?? DNS_OPTIONS.maxDnsTtl.default,
-      timeout: checked.dnsTimeout ?? DNS_OPTIONS.dnsTimeout.default,
-      maxEntries: checked.dnsCacheSize ?? DNS_OPTIONS.dnsCacheSize.default,
-    });
-    this.router = new Router(this.mx);
-    this.registry = new PoolRegistry(
-      (bindingName, domain) => {
-        const binding = this.scopes.binding(bindingName)!;
-        const resolved = this.scopes.resolve(binding, domain);
-        return {
-          options: resolved,
-          settings: {
-            maxConnections: resolved.maxOutboundConnections,
-            acquireTimeout: resolved.acquireTimeout,
-            idleTimeout: resolved.idleTimeout,
-            connectBackoff: resolved.connectBackoff,
-            maxConnectBackoff: resolved.maxConnectBackoff,
-          },
-          connect: this.router.connectorFor(binding, domain, resolved),
-        };
-      },
-      (summary: ConnectionSummary) => this.emit('connectionClosed', summary),
-    );
+    this.engine = new LocalEngine(options);
+    this.engine.on('connectionClosed', (summary: ConnectionSummary) => this.emit('connectionClosed', summary));
   }
 
   /** Nodemailer's entry point. */
@@ -122,7 +88,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   }
 
   stats(): TransportStats {
-    return { ...this.registry.stats(), sending: this.inFlight.size, dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains } };
+    return { ...this.engine.stats(), sending: this.inFlight.size };
   }
 
   /**
@@ -130,7 +96,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
    * transport was built). Resolves true, or rejects naming the route that failed.
    */
   verify(callback?: (err: Error | null, success?: true) => void): Promise<true> {
-    const checking = this.verifyRoutes();
+    const checking = this.engine.verify();
     if (callback) checking.then((ok) => callback(null, ok), (err: Error) => callback(err));
     return checking;
   }
@@ -140,7 +106,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     this.closed = true;
     this.closing ??= (async () => {
       while (this.inFlight.size > 0) await Promise.allSettled([...this.inFlight]);
-      await this.registry.close();
+      await this.engine.close();
       transportLog('closed');
     })();
     if (callback) this.closing.then(callback, callback);
@@ -166,66 +132,18 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     const messageId = mail.message.messageId();
     if (transportLog.enabled) transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);
 
-    const transaction = { from, size: message.length, dsn: data.dsn };
-    const deliveries: Promise<DomainResult>[] = [];
-    for (const [domain, recipients] of byDomain) {
-      const binding = this.scopes.bindingFor(sender, (member) => this.registry.healthy(member.name, domain));
-      deliveries.push(this.deliverDomain(binding, domain, recipients, transaction, message));
-    }
-    const domains = deliveries.length === 1 ? [await deliveries[0]] : await Promise.all(deliveries);
+    const domains = await this.engine.deliver({
+      sender,
+      envelope: { from, size: message.length, dsn: data.dsn },
+      message,
+      domains: [...byDomain],
+    });
     if (invalid.length > 0) {
-      const unparsed = emptyDomainResult(INVALID_ADDRESSES, 'binding' in sender ? sender.binding.name : sender.group);
+      const unparsed = emptyDomainResult(INVALID_ADDRESSES, 'binding' in sender ? sender.binding : sender.group);
       unparsed.rejected = invalid.map(({ address, reason }) => ({ recipient: address, status: 'rejected', response: `invalid address: ${reason}` }));
       domains.push(unparsed);
     }
     return summarize(domains, { from: envelope.from, to: envelope.to }, messageId);
-  }
-
-  private async deliverDomain(
-    binding: Binding,
-    domain: string,
-    recipients: DomainDelivery['recipients'],
-    envelope: DomainDelivery['envelope'],
-    message: Buffer,
-  ): Promise<DomainResult> {
-    // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
-    const pool = this.registry.get(binding.name, domain);
-    const options = pool.options;
-    if (!options.route) {
-      const decision = await this.router.decide(binding, domain, options);
-      if (decision.kind !== 'hops') {
-        // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
-        const result = emptyDomainResult(domain, binding.name);
-        const status = decision.kind === 'reject' ? 'rejected' : 'pending';
-        result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
-        return result;
-      }
-    }
-    return deliverToDomain({
-      domain,
-      binding: binding.name,
-      pool,
-      envelope,
-      message,
-      recipients,
-      maxAttempts: options.maxAttempts,
-      maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
-      maxConnections: options.maxOutboundConnections,
-    });
-  }
-
-  private async verifyRoutes(): Promise<true> {
-    for (const { path, route, binding: bindingName } of this.scopes.configuredRoutes()) {
-      const binding = this.scopes.binding(bindingName)!;
-      const options: ResolvedOptions = { ...this.scopes.resolve(binding, route.host), route };
-      try {
-        const connection = await this.router.connectorFor(binding, route.host, options)();
-        await connection.close('shutdown');
-      } catch (err) {
-        throw new BindingPoolError('ECONNECT', `${path} (${route.host}:${route.port ?? 25}) did not accept a connection: ${describeError(err)}`, { cause: err });
-      }
-    }
-    return true;
   }
 }
 

@@ -1,0 +1,140 @@
+/**
+ * The delivery engine: everything below the Nodemailer glue. It takes a built message with its
+ * recipients grouped by domain, picks each domain's binding, routes it (static route or MX), and
+ * delivers it over the pool for the (binding, domain) pair. It runs in the transport's thread, or
+ * in a worker thread behind engine-thread.ts: its jobs and results are plain data for that reason.
+ */
+import { EventEmitter } from 'node:events';
+import { ScopeResolver, type Binding, type SenderName } from './config';
+import type { TransactionEnvelope } from './connection';
+import { deliverToDomain, emptyDomainResult, type DomainResult } from './delivery';
+import { BindingPoolError, describeError } from './errors';
+import { MxResolver } from './mx-resolver';
+import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from './options';
+import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
+import type { Recipient } from './recipients';
+import { Router } from './routing';
+
+/** One message for the engine: what the transport hands over per sendMail. */
+export interface MessageJob {
+  sender: SenderName;
+  envelope: TransactionEnvelope;
+  message: Buffer;
+  /** Recipients by destination domain (already checked and de-duplicated). */
+  domains: [domain: string, recipients: Recipient[]][];
+}
+
+export interface EngineStats {
+  /** Live pools, one per (binding, domain) pair. */
+  pools: PoolStats[];
+  /** Totals of pools already dropped for idleness. */
+  droppedPools: DroppedPoolTotals;
+  /** DNS queries sent for MX delivery, and domains in the cache. */
+  dns: { queries: number; cachedDomains: number };
+}
+
+/** What the transport needs of an engine, in this thread or another. Emits 'connectionClosed'. */
+export interface Engine extends EventEmitter {
+  deliver(job: MessageJob): Promise<DomainResult[]>;
+  stats(): EngineStats;
+  verify(): Promise<true>;
+  close(): Promise<void>;
+}
+
+export class LocalEngine extends EventEmitter implements Engine {
+  private readonly scopes: ScopeResolver;
+  private readonly registry: PoolRegistry;
+  private readonly mx: MxResolver;
+  private readonly router: Router;
+
+  constructor(options: BindingPoolOptions) {
+    super();
+    this.scopes = new ScopeResolver(options);
+    const checked = this.scopes.options;
+    this.mx = new MxResolver({
+      servers: checked.dnsServers,
+      minTtl: checked.minDnsTtl ?? DNS_OPTIONS.minDnsTtl.default,
+      maxTtl: checked.maxDnsTtl ?? DNS_OPTIONS.maxDnsTtl.default,
+      timeout: checked.dnsTimeout ?? DNS_OPTIONS.dnsTimeout.default,
+      maxEntries: checked.dnsCacheSize ?? DNS_OPTIONS.dnsCacheSize.default,
+    });
+    this.router = new Router(this.mx);
+    this.registry = new PoolRegistry(
+      (bindingName, domain) => {
+        const binding = this.scopes.binding(bindingName)!;
+        const resolved = this.scopes.resolve(binding, domain);
+        return {
+          options: resolved,
+          settings: {
+            maxConnections: resolved.maxOutboundConnections,
+            acquireTimeout: resolved.acquireTimeout,
+            idleTimeout: resolved.idleTimeout,
+            connectBackoff: resolved.connectBackoff,
+            maxConnectBackoff: resolved.maxConnectBackoff,
+          },
+          connect: this.router.connectorFor(binding, domain, resolved),
+        };
+      },
+      (summary: ConnectionSummary) => this.emit('connectionClosed', summary),
+    );
+  }
+
+  deliver(job: MessageJob): Promise<DomainResult[]> {
+    const deliveries: Promise<DomainResult>[] = [];
+    for (const [domain, recipients] of job.domains) {
+      const binding = this.scopes.bindingFor(job.sender, (member) => this.registry.healthy(member.name, domain));
+      deliveries.push(this.deliverDomain(binding, domain, recipients, job.envelope, job.message));
+    }
+    return deliveries.length === 1 ? deliveries[0].then((result) => [result]) : Promise.all(deliveries);
+  }
+
+  stats(): EngineStats {
+    return { ...this.registry.stats(), dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains } };
+  }
+
+  /** Checks that every configured route accepts a connection; rejects naming the one that did not. */
+  async verify(): Promise<true> {
+    for (const { path, route, binding: bindingName } of this.scopes.configuredRoutes()) {
+      const binding = this.scopes.binding(bindingName)!;
+      const options: ResolvedOptions = { ...this.scopes.resolve(binding, route.host), route };
+      try {
+        const connection = await this.router.connectorFor(binding, route.host, options)();
+        await connection.close('shutdown');
+      } catch (err) {
+        throw new BindingPoolError('ECONNECT', `${path} (${route.host}:${route.port ?? 25}) did not accept a connection: ${describeError(err)}`, { cause: err });
+      }
+    }
+    return true;
+  }
+
+  close(): Promise<void> {
+    return this.registry.close();
+  }
+
+  private async deliverDomain(binding: Binding, domain: string, recipients: Recipient[], envelope: TransactionEnvelope, message: Buffer): Promise<DomainResult> {
+    // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
+    const pool = this.registry.get(binding.name, domain);
+    const options = pool.options;
+    if (!options.route) {
+      const decision = await this.router.decide(binding, domain, options);
+      if (decision.kind !== 'hops') {
+        // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
+        const result = emptyDomainResult(domain, binding.name);
+        const status = decision.kind === 'reject' ? 'rejected' : 'pending';
+        result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
+        return result;
+      }
+    }
+    return deliverToDomain({
+      domain,
+      binding: binding.name,
+      pool,
+      envelope,
+      message,
+      recipients,
+      maxAttempts: options.maxAttempts,
+      maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
+      maxConnections: options.maxOutboundConnections,
+    });
+  }
+}

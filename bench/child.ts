@@ -50,8 +50,9 @@ function mailFor(spec: RunSpec, send: Send, i: number, to = send.to): SendMailOp
   return mail;
 }
 
-function bindingPool(spec: RunSpec): Candidate {
+function bindingPool(spec: RunSpec, deliveryThread = false): Candidate {
   const options: BindingPoolOptions = {
+    deliveryThread,
     route: { host: spec.host, port: spec.port },
     maxOutboundConnections: CONNECTIONS,
     maxDeliveriesPerConnection: spec.limit,
@@ -228,6 +229,8 @@ function makeCandidate(spec: RunSpec): Candidate {
   switch (spec.candidate) {
     case 'binding-pool':
       return bindingPool(spec);
+    case 'binding-pool-thread':
+      return bindingPool(spec, true);
     case 'nodemailer-pool':
       return nodemailerPool(spec);
     case 'nodemailer-map':

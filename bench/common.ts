@@ -7,6 +7,8 @@
 export type CandidateName =
   /** This package's transport. */
   | 'binding-pool'
+  /** The same with `deliveryThread: true`: SMTP in a worker thread. */
+  | 'binding-pool-thread'
   /** One Nodemailer pool (`pool: true`) to the sink: the baseline of every ratio. */
   | 'nodemailer-pool'
   /** A Map of Nodemailer pools, one per (binding, domain): what users write today. */
@@ -52,8 +54,8 @@ export const BINDING_ADDRESSES = ['127.0.0.2', '127.0.0.3'];
 /** Connections per pool (ours: maxOutboundConnections; Nodemailer: maxConnections; the SMTPConnection loop). */
 export const CONNECTIONS = 5;
 
-const SINGLE: CandidateName[] = ['binding-pool', 'nodemailer-pool', 'smtp-connection', 'noop-transport'];
-const MULTI: CandidateName[] = ['binding-pool', 'nodemailer-pool', 'nodemailer-map', 'smtp-connection', 'noop-transport'];
+const SINGLE: CandidateName[] = ['binding-pool', 'binding-pool-thread', 'nodemailer-pool', 'smtp-connection', 'noop-transport'];
+const MULTI: CandidateName[] = ['binding-pool', 'binding-pool-thread', 'nodemailer-pool', 'nodemailer-map', 'smtp-connection', 'noop-transport'];
 
 export const SCENARIOS: Scenario[] = [
   {

@@ -303,15 +303,19 @@ export class CountingConnection {
     const transactionVerdict = err.responseCode !== undefined && err.responseCode !== 421 && err.command !== 'CONN';
     // Refused before a byte went out (SIZE over the server's limit, a bad address).
     const refusedLocally = err.responseCode === undefined && (err.command === 'API' || err.command === 'MAIL FROM');
+    // The server refused MAIL FROM: with PIPELINING the replies to the RCPTs sent along with it
+    // (503 "need MAIL command") say nothing about the recipients; the MAIL FROM reply decides.
+    const senderRefused = err.command === 'MAIL FROM' && err.responseCode !== undefined;
     if (err.responseCode === 421) this.retire('serverClosed');
     else if (this.ended || err.command === 'CONN') this.retire('error');
 
     return rcpts.map((rcpt): RecipientReply => {
-      const rcptFailure = rcptFailures.get(rcpt);
+      const rcptFailure = senderRefused ? undefined : rcptFailures.get(rcpt);
       if (rcptFailure && rcptFailure.responseCode !== 421) return verdictFromReply(rcpt, rcptFailure);
       if (transactionVerdict) return verdictFromReply(rcpt, err);
       if (refusedLocally) return { rcpt, verdict: 'rejected', response: err.message };
-      if (messageSent && acceptedAtRcpt.has(rcpt)) {
+      // A reply to the final dot, 421 included, is the server's verdict: only no reply is unknown.
+      if (messageSent && acceptedAtRcpt.has(rcpt) && err.responseCode === undefined) {
         return { rcpt, verdict: 'unknown', response: `outcome unknown: the message was sent but the connection ended before the server's reply (${err.message})` };
       }
       return { rcpt, verdict: 'retry', response: err.message, responseCode: err.responseCode };

@@ -101,7 +101,7 @@ export class LocalEngine extends EventEmitter implements Engine {
         const connection = await this.router.connectorFor(binding, route.host, options)();
         await connection.close('shutdown');
       } catch (err) {
-        throw new BindingPoolError('ECONNECT', `${path} (${route.host}:${route.port ?? 25}) did not accept a connection: ${describeError(err)}`, { cause: err });
+        throw new BindingPoolError('ECONNECT', `${path} (${route.host}:${route.port ?? (route.secure ? 465 : 25)}) did not accept a connection: ${describeError(err)}`, { cause: err });
       }
     }
     return true;

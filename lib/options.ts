@@ -133,6 +133,12 @@ export interface BindingPoolOptions extends ScopedOptions {
   dnsTimeout?: number;
   /** Domains kept in the DNS cache at most; the least recently added go first. Default 10 000. */
   dnsCacheSize?: number;
+  /**
+   * Deliver from a worker thread, so composing messages (the application's thread) and speaking
+   * SMTP (the worker) run on two cores. The options other than `selectBinding` must then be
+   * plain data (no functions). Default false.
+   */
+  deliveryThread?: boolean;
 }
 
 /** How each scoped option is checked, with its default; README's option table mirrors it. */

@@ -9,6 +9,7 @@ import type { MailMessage, SentMessageInfo, Transport } from 'nodemailer';
 import { ScopeResolver } from './config';
 import { emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery';
 import { LocalEngine, type Engine, type EngineStats } from './engine';
+import { ThreadEngine } from './engine-thread';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
 import { SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
@@ -31,6 +32,8 @@ export interface BindingPoolSentMessageInfo extends SentMessageInfo {
 
 /** The error a send rejects with when no recipient was accepted; carries the same breakdown. */
 export interface BindingPoolSendError extends BindingPoolError {
+  envelope: { from: string | false; to: string[] };
+  messageId: string;
   accepted: string[];
   rejected: string[];
   pending: string[];
@@ -61,7 +64,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     super();
     // Checks the options (throws ConfigError) and names bindings for messages.
     this.scopes = new ScopeResolver(options);
-    this.engine = new LocalEngine(options);
+    this.engine = options.deliveryThread ? new ThreadEngine(options) : new LocalEngine(options);
     this.engine.on('connectionClosed', (summary: ConnectionSummary) => this.emit('connectionClosed', summary));
   }
 

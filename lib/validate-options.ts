@@ -17,7 +17,7 @@ import {
   type ScopedOptions,
 } from './options';
 
-const TOP_LEVEL_KEYS = [...SCOPED_OPTION_NAMES, ...Object.keys(DNS_OPTIONS), 'bindings', 'bindingGroups', 'domains', 'defaultBinding', 'selectBinding', 'name', 'dnsServers'];
+const TOP_LEVEL_KEYS = [...SCOPED_OPTION_NAMES, ...Object.keys(DNS_OPTIONS), 'bindings', 'bindingGroups', 'domains', 'defaultBinding', 'selectBinding', 'name', 'dnsServers', 'deliveryThread'];
 const TLS_POLICIES = ['no', 'ifavailable', 'required'];
 const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
 const GROUP_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'domains'];
@@ -47,6 +47,9 @@ export function checkOptions(input: unknown): CheckedOptions {
   if (options.name !== undefined) checkHostName(options.name, 'name');
   if (options.selectBinding !== undefined && typeof options.selectBinding !== 'function') {
     throw new ConfigError('selectBinding', 'must be a function');
+  }
+  if (options.deliveryThread !== undefined && typeof options.deliveryThread !== 'boolean') {
+    throw new ConfigError('deliveryThread', `must be true or false, got ${show(options.deliveryThread)}`);
   }
   for (const [name, { min }] of Object.entries(DNS_OPTIONS)) {
     const value = options[name];

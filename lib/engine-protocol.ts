@@ -1,0 +1,17 @@
+/** The messages between the application's thread and the delivery thread (engine-thread.ts). */
+import type { DomainResult } from './delivery';
+import type { EngineStats, MessageJob } from './engine';
+
+/** How often, at most, the delivery thread reports stats while it is busy. */
+export const STATS_INTERVAL_MS = 100;
+
+/** What crosses to the worker. */
+export type ToWorker =
+  | { type: 'jobs'; jobs: { id: number; job: MessageJob }[] }
+  | { type: 'verify'; id: number }
+  | { type: 'close'; id: number };
+
+/** What comes back. */
+export type FromWorker =
+  | { type: 'results'; results: { id: number; domains?: DomainResult[]; error?: { message: string; code?: string } }[]; stats?: EngineStats }
+  | { type: 'connectionClosed'; summary: unknown };

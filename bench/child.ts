@@ -141,7 +141,10 @@ function nodemailerMap(spec: RunSpec): Candidate {
 class NoopTransport implements Transport<{ envelope: unknown; messageId: string; accepted: string[] }> {
   readonly name = 'noop';
   readonly version = '1';
-  send(mail: MailMessage<{ envelope: unknown; messageId: string; accepted: string[] }>, callback: (err: Error | null, info?: { envelope: unknown; messageId: string; accepted: string[] }) => void): void {
+  send(
+    mail: MailMessage<{ envelope: unknown; messageId: string; accepted: string[] }>,
+    callback: (err: Error | null, info?: { envelope: unknown; messageId: string; accepted: string[] }) => void,
+  ): void {
     const envelope = mail.message.getEnvelope();
     const stream = mail.message.createReadStream();
     stream.on('data', () => {});
@@ -175,9 +178,7 @@ function smtpConnectionLoop(spec: RunSpec): Candidate & { runAll(n: number): Pro
     return connection;
   };
   const transact = (connection: SMTPConnection, to: string[]) =>
-    new Promise<number>((resolve, reject) =>
-      connection.send({ from: SENDER, to }, RAW, (err, info) => (err ? reject(err) : resolve(info!.accepted.length))),
-    );
+    new Promise<number>((resolve, reject) => connection.send({ from: SENDER, to }, RAW, (err, info) => (err ? reject(err) : resolve(info!.accepted.length))));
   const live = new Set<SMTPConnection>();
   return {
     send: () => Promise.reject(new Error('use runAll')),

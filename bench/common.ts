@@ -238,7 +238,11 @@ export function byDomain(to: readonly string[]): Map<string, string[]> {
  * Runs `n` sends with at most `window` in flight; each send resolves to the number of recipients
  * accepted. Failures are counted, not thrown.
  */
-export async function pump(n: number, window: number, send: (i: number) => Promise<number>): Promise<{ accepted: number; failed: number; firstError?: string }> {
+export async function pump(
+  n: number,
+  window: number,
+  send: (i: number) => Promise<number>,
+): Promise<{ accepted: number; failed: number; firstError?: string }> {
   let next = 0;
   let accepted = 0;
   let failed = 0;

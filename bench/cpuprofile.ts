@@ -52,7 +52,10 @@ function area(url: string, name: string): string {
 
 function where(frame: CallFrame): string {
   if (!frame.url) return '';
-  const short = frame.url.replace(/^file:\/\//, '').replace(/^.*node_modules\//, '').replace(/^.*\/build\//, '');
+  const short = frame.url
+    .replace(/^file:\/\//, '')
+    .replace(/^.*node_modules\//, '')
+    .replace(/^.*\/build\//, '');
   return `${short}:${frame.lineNumber + 1}`;
 }
 
@@ -66,7 +69,13 @@ export function summarizeProfile(profile: CpuProfile): ProfileSummary {
     const k = key(n);
     let f = functions.get(k);
     if (!f) {
-      f = { name: n.callFrame.functionName || '(anonymous)', where: where(n.callFrame), area: area(n.callFrame.url, n.callFrame.functionName), selfMs: 0, totalMs: 0 };
+      f = {
+        name: n.callFrame.functionName || '(anonymous)',
+        where: where(n.callFrame),
+        area: area(n.callFrame.url, n.callFrame.functionName),
+        selfMs: 0,
+        totalMs: 0,
+      };
       functions.set(k, f);
     }
     return f;
@@ -119,7 +128,7 @@ export function formatProfileSummary(summary: ProfileSummary, top = 25): string 
     '|---|---|---|---|---|',
     ...bySelf.map((f) => `| ${f.name} | ${f.where} | ${Math.round(f.selfMs)} | ${pct(f.selfMs)} | ${pct(f.totalMs)} |`),
     '',
-    'This package\'s functions by total (inclusive) time:',
+    "This package's functions by total (inclusive) time:",
     '',
     '| function | where | total | self |',
     '|---|---|---|---|',
@@ -168,7 +177,10 @@ export function compareProfiles(profiles: NamedSummary[], topDiff = 20): string 
       '',
       `| function | where | area | ${a.name} | ${b.name} | more |`,
       '|---|---|---|---|---|---|',
-      ...diffs.map(({ f, diff }) => `| ${f.name} | ${f.where} | ${f.area} | ${per(f.selfMs, a.units).toFixed(1)} | ${per(bSelf.get(key(f)) ?? 0, b.units).toFixed(1)} | ${diff.toFixed(1)} |`),
+      ...diffs.map(
+        ({ f, diff }) =>
+          `| ${f.name} | ${f.where} | ${f.area} | ${per(f.selfMs, a.units).toFixed(1)} | ${per(bSelf.get(key(f)) ?? 0, b.units).toFixed(1)} | ${diff.toFixed(1)} |`,
+      ),
     );
   }
   return lines.join('\n');

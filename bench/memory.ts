@@ -112,7 +112,9 @@ async function main(): Promise<void> {
   const afterSends = await settle();
   const poolsAfterSends = statsAfterSends.pools.length;
   const openAfterSends = statsAfterSends.pools.reduce((sum, p) => sum + p.open, 0);
-  console.log(`sent ${outcome.accepted}/${spec.domains} in ${sendMs} ms; ${poolsAfterSends} pools live, ${openAfterSends} connections open; waiting for the idle drop`);
+  console.log(
+    `sent ${outcome.accepted}/${spec.domains} in ${sendMs} ms; ${poolsAfterSends} pools live, ${openAfterSends} connections open; waiting for the idle drop`,
+  );
 
   // The pools go after idleTimeout; wait until every one is dropped and its sockets are closed.
   const deadline = Date.now() + idleTimeout * 2 + 60_000;

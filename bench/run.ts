@@ -15,17 +15,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync, mkdtempSync, readdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import {
-  BASELINE,
-  MEMORY_SCENARIO,
-  RESULT_PREFIX,
-  SCENARIOS,
-  median,
-  type CandidateName,
-  type RunResult,
-  type RunSpec,
-  type Scenario,
-} from './common';
+import { BASELINE, MEMORY_SCENARIO, RESULT_PREFIX, SCENARIOS, median, type CandidateName, type RunResult, type RunSpec, type Scenario } from './common';
 import { startSink, type Sink } from './sink';
 import { compareProfiles, formatProfileSummary, summarizeProfile, type CpuProfile, type NamedSummary } from './cpuprofile';
 import type { MemoryResult, MemorySpec } from './memory';
@@ -78,7 +68,11 @@ function parseSettings(argv: string[]): Settings {
     scenarios: [],
   };
   const named = argv.filter((a) => !a.startsWith('--'));
-  const fromEnv = env.BENCH_SCENARIOS ? env.BENCH_SCENARIOS.split(',').map((s) => s.trim()).filter(Boolean) : [];
+  const fromEnv = env.BENCH_SCENARIOS
+    ? env.BENCH_SCENARIOS.split(',')
+        .map((s) => s.trim())
+        .filter(Boolean)
+    : [];
   const chosen = named.length > 0 ? named : fromEnv;
   const all = [...SCENARIOS.map((s) => s.name), MEMORY_SCENARIO.name];
   settings.scenarios = chosen.length === 0 || chosen.includes('all') ? all : chosen.filter((name) => name !== 'profile');
@@ -128,7 +122,9 @@ async function runScenario(scenario: Scenario, settings: Settings, sink: Sink): 
   const warmupSends = scenario.shape === 'fanout' ? 1 : Math.min(1_000, Math.max(50, Math.floor(sends / 10)));
   const rounds = new Map<CandidateName, Round[]>(scenario.candidates.map((c) => [c, []]));
   console.log(`\n=== ${scenario.name}: ${scenario.title}`);
-  console.log(`    ${sends} sends per round (+${warmupSends} warm-up on a separate instance), window ${settings.window}, ${settings.rounds} rounds, candidates alternate`);
+  console.log(
+    `    ${sends} sends per round (+${warmupSends} warm-up on a separate instance), window ${settings.window}, ${settings.rounds} rounds, candidates alternate`,
+  );
   for (let round = 1; round <= settings.rounds; round++) {
     const line: string[] = [];
     for (const candidate of scenario.candidates) {
@@ -152,7 +148,9 @@ async function runScenario(scenario: Scenario, settings: Settings, sink: Sink): 
       if (!resultLine) throw new Error(`${candidate} printed no result`);
       const result = JSON.parse(resultLine.slice(RESULT_PREFIX.length)) as RunResult;
       if (result.failed > 0 || result.accepted !== result.expected) {
-        console.log(`    !! ${candidate} round ${round}: ${result.accepted}/${result.expected} accepted, ${result.failed} failed sends${result.firstError ? ` (first: ${result.firstError})` : ''}`);
+        console.log(
+          `    !! ${candidate} round ${round}: ${result.accepted}/${result.expected} accepted, ${result.failed} failed sends${result.firstError ? ` (first: ${result.firstError})` : ''}`,
+        );
       }
       rounds.get(candidate)!.push({ result, sinkSessions: after.sessions - before.sessions, sinkMessages: after.messages - before.messages });
       line.push(`${candidate} ${Math.round(result.rate)}`);
@@ -209,7 +207,19 @@ function tabulate(scenario: Scenario, rounds: Map<CandidateName, Round[]>): Row[
 
 function formatTable(scenario: Scenario, rows: Row[], sends: number, messageBytes: number): string {
   const u = unit(scenario);
-  const header = [`candidate`, `median ${u}`, `min–max`, `× ${BASELINE}`, `× noop`, `CPU ms`, `CPU µs/rcpt`, `peak RSS MiB`, `connections opened`, `sink sess / txns`, `failures`];
+  const header = [
+    `candidate`,
+    `median ${u}`,
+    `min–max`,
+    `× ${BASELINE}`,
+    `× noop`,
+    `CPU ms`,
+    `CPU µs/rcpt`,
+    `peak RSS MiB`,
+    `connections opened`,
+    `sink sess / txns`,
+    `failures`,
+  ];
   const body = rows.map((r) => [
     r.candidate,
     fmt(r.rate),
@@ -253,7 +263,10 @@ function codeState(): string {
   const root = path.join(__dirname, '..', '..');
   const git = (...args: string[]): string => spawnSync('git', args, { cwd: root, encoding: 'utf8' }).stdout?.trimEnd() ?? '';
   const head = git('rev-parse', '--short', 'HEAD') || 'unknown commit';
-  const dirty = git('status', '--porcelain', '--', 'lib').split('\n').filter(Boolean).map((l) => l.slice(3));
+  const dirty = git('status', '--porcelain', '--', 'lib')
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => l.slice(3));
   return dirty.length > 0 ? `${head} + uncommitted ${dirty.join(', ')}` : head;
 }
 
@@ -261,10 +274,20 @@ async function runMemory(settings: Settings, mainSink: Sink): Promise<string> {
   console.log(`\n=== ${MEMORY_SCENARIO.name}: ${settings.memoryDomains} distinct domains, one message each, then idle`);
   // Up to `domains` sessions may be open at once when the pools outlive the sends: a sink of its own
   // with room for them (smtp-sink -m caps concurrent sessions).
-  const sink = settings.memoryDomains + 100 > 1000 ? await startSink({ maxSessions: settings.memoryDomains + 1000, prefer: settings.sink ?? mainSink.kind }) : mainSink;
+  const sink =
+    settings.memoryDomains + 100 > 1000 ? await startSink({ maxSessions: settings.memoryDomains + 1000, prefer: settings.sink ?? mainSink.kind }) : mainSink;
   try {
-    const spec: MemorySpec = { host: sink.host, port: sink.port, domains: settings.memoryDomains, idleTimeout: settings.memoryIdleMs, window: settings.window, settleMs: 3_000 };
-    console.log(`    ${spec.domains} domains, one message each, idleTimeout ${spec.idleTimeout || 'auto'} ms, window ${spec.window}, node --expose-gc; sink: ${sink.command}`);
+    const spec: MemorySpec = {
+      host: sink.host,
+      port: sink.port,
+      domains: settings.memoryDomains,
+      idleTimeout: settings.memoryIdleMs,
+      window: settings.window,
+      settleMs: 3_000,
+    };
+    console.log(
+      `    ${spec.domains} domains, one message each, idleTimeout ${spec.idleTimeout || 'auto'} ms, window ${spec.window}, node --expose-gc; sink: ${sink.command}`,
+    );
     const lines = await runChild('memory.js', [JSON.stringify(spec)], ['--expose-gc'], settings.childTimeoutMs);
     for (const line of lines) if (line && !line.startsWith(RESULT_PREFIX)) console.log(`    ${line}`);
     const resultLine = lines.find((l) => l.startsWith(RESULT_PREFIX));
@@ -358,7 +381,9 @@ async function main(): Promise<void> {
   console.log(`machine: ${machineLine}`);
   const code = codeState();
   console.log(`code: ${code}`);
-  report.push(`Machine: ${machineLine}. Code: ${code}. Started ${new Date().toISOString()}. Settings: ${settings.quick ? 'quick' : 'full'}, ${settings.rounds} rounds, window ${settings.window}.`);
+  report.push(
+    `Machine: ${machineLine}. Code: ${code}. Started ${new Date().toISOString()}. Settings: ${settings.quick ? 'quick' : 'full'}, ${settings.rounds} rounds, window ${settings.window}.`,
+  );
 
   const sink = await startSink({ maxSessions: 1000, prefer: settings.sink });
   console.log(`sink: ${sink.kind} on ${sink.host}:${sink.port} (${sink.command})`);
@@ -388,7 +413,10 @@ async function main(): Promise<void> {
     await sink.stop();
   }
   if (checks.length > 0) {
-    const summary = ['Ratios of binding-pool (targets: one-domain ≥ 1.3 × nodemailer-pool; limit-100 ≥ 2 × nodemailer-pool; ≥ 0.85 × noop-transport):', ...checks.map((c) => `- ${c}`)].join('\n');
+    const summary = [
+      'Ratios of binding-pool (targets: one-domain ≥ 1.3 × nodemailer-pool; limit-100 ≥ 2 × nodemailer-pool; ≥ 0.85 × noop-transport):',
+      ...checks.map((c) => `- ${c}`),
+    ].join('\n');
     console.log('\n' + summary);
     report.push(summary);
   }

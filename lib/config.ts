@@ -88,14 +88,20 @@ export class ScopeResolver {
     if (choice.bindingGroup !== undefined) {
       const group = this.options.bindingGroups[choice.bindingGroup];
       if (!group) {
-        throw new BindingPoolError('EBINDING', `unknown binding group ${JSON.stringify(choice.bindingGroup)}${suggestion(String(choice.bindingGroup), Object.keys(this.options.bindingGroups))}; nothing of this message was sent`);
+        throw new BindingPoolError(
+          'EBINDING',
+          `unknown binding group ${JSON.stringify(choice.bindingGroup)}${suggestion(String(choice.bindingGroup), Object.keys(this.options.bindingGroups))}; nothing of this message was sent`,
+        );
       }
       return { group: choice.bindingGroup };
     }
     const name = choice.binding ?? BUILT_IN_BINDING;
     const binding = this.bindings.get(name);
     if (!binding) {
-      throw new BindingPoolError('EBINDING', `unknown binding ${JSON.stringify(name)}${suggestion(String(name), [...this.bindings.keys()])}; nothing of this message was sent`);
+      throw new BindingPoolError(
+        'EBINDING',
+        `unknown binding ${JSON.stringify(name)}${suggestion(String(name), [...this.bindings.keys()])}; nothing of this message was sent`,
+      );
     }
     return { binding: binding.name };
   }
@@ -165,14 +171,7 @@ export class ScopeResolver {
   private chain(binding: Binding, domain: string): (ScopedOptions | undefined)[] {
     const own = this.options.bindings[binding.name];
     const group = binding.group !== undefined ? this.options.bindingGroups[binding.group] : undefined;
-    return [
-      own?.domains?.[domain],
-      group?.domains?.[domain],
-      own,
-      group,
-      this.options.domains[domain],
-      this.options,
-    ];
+    return [own?.domains?.[domain], group?.domains?.[domain], own, group, this.options.domains[domain], this.options];
   }
 
   private choiceForName(name: string): BindingChoice {

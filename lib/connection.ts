@@ -171,7 +171,9 @@ export class CountingConnection {
       });
       if (target.auth) {
         if (!connection.encrypted && !target.allowUnencryptedAuth) {
-          throw new Error(`refusing to send credentials to ${describeTarget(target)} over an unencrypted connection (set route.allowUnencryptedAuth to allow it)`);
+          throw new Error(
+            `refusing to send credentials to ${describeTarget(target)} over an unencrypted connection (set route.allowUnencryptedAuth to allow it)`,
+          );
         }
         const auth = target.auth;
         await new Promise<void>((resolve, reject) => connection.smtp.login({ user: auth.user, pass: auth.pass }, (err) => (err ? reject(err) : resolve())));
@@ -223,7 +225,8 @@ export class CountingConnection {
         let delivered = 0;
         for (const reply of replies) if (reply.verdict === 'delivered') delivered++;
         this.deliveries += delivered;
-        if (connectionLog.enabled) connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
+        if (connectionLog.enabled)
+          connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
         this.retireIfSpent();
         if (err && !this.ended && this.usable) {
           // The transaction failed but the session is alive: RSET before it carries another.
@@ -316,7 +319,11 @@ export class CountingConnection {
       if (refusedLocally) return { rcpt, verdict: 'rejected', response: err.message };
       // A reply to the final dot, 421 included, is the server's verdict: only no reply is unknown.
       if (messageSent && acceptedAtRcpt.has(rcpt) && err.responseCode === undefined) {
-        return { rcpt, verdict: 'unknown', response: `outcome unknown: the message was sent but the connection ended before the server's reply (${err.message})` };
+        return {
+          rcpt,
+          verdict: 'unknown',
+          response: `outcome unknown: the message was sent but the connection ended before the server's reply (${err.message})`,
+        };
       }
       return { rcpt, verdict: 'retry', response: err.message, responseCode: err.responseCode };
     });

@@ -98,7 +98,11 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
       const host = describeTarget(connection.target);
       hosts.add(host);
       if (!connections.has(connection.id)) connections.set(connection.id, { id: connection.id, host, encrypted: connection.encrypted });
-      const replies = await connection.send(job.envelope, batch.map((item) => item.recipient.rcpt), job.message);
+      const replies = await connection.send(
+        job.envelope,
+        batch.map((item) => item.recipient.rcpt),
+        job.message,
+      );
       job.pool.release(connection);
       const again: QueuedRecipient[] = [];
       // A 452 in a transaction that settled other recipients is the server pacing them, not a
@@ -117,7 +121,12 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
       });
       if (again.length > 0) {
         if (deliveryLog.enabled)
-          deliveryLog('%s: %d recipient(s) go on over another connection after %s', connection.id, again.length, replies.find((r) => r.verdict !== 'delivered')?.response);
+          deliveryLog(
+            '%s: %d recipient(s) go on over another connection after %s',
+            connection.id,
+            again.length,
+            replies.find((r) => r.verdict !== 'delivered')?.response,
+          );
         queue.unshift(...again);
       }
     }

@@ -50,7 +50,10 @@ export class ThreadEngine extends EventEmitter implements Engine {
     try {
       structuredClone(rest);
     } catch (err) {
-      throw new ConfigError('deliveryThread', `the options must be plain data to reach the delivery thread (${(err as Error).message}); functions such as tlsOptions.checkServerIdentity need deliveryThread: false`);
+      throw new ConfigError(
+        'deliveryThread',
+        `the options must be plain data to reach the delivery thread (${(err as Error).message}); functions such as tlsOptions.checkServerIdentity need deliveryThread: false`,
+      );
     }
     this.workerOptions = rest;
     workerScript();

@@ -101,7 +101,11 @@ export class LocalEngine extends EventEmitter implements Engine {
         const connection = await this.router.connectorFor(binding, route.host, options)();
         await connection.close('shutdown');
       } catch (err) {
-        throw new BindingPoolError('ECONNECT', `${path} (${route.host}:${route.port ?? (route.secure ? 465 : 25)}) did not accept a connection: ${describeError(err)}`, { cause: err });
+        throw new BindingPoolError(
+          'ECONNECT',
+          `${path} (${route.host}:${route.port ?? (route.secure ? 465 : 25)}) did not accept a connection: ${describeError(err)}`,
+          { cause: err },
+        );
       }
     }
     return true;
@@ -111,7 +115,13 @@ export class LocalEngine extends EventEmitter implements Engine {
     return this.registry.close();
   }
 
-  private async deliverDomain(binding: Binding, domain: string, recipients: Recipient[], envelope: TransactionEnvelope, message: Buffer): Promise<DomainResult> {
+  private async deliverDomain(
+    binding: Binding,
+    domain: string,
+    recipients: Recipient[],
+    envelope: TransactionEnvelope,
+    message: Buffer,
+  ): Promise<DomainResult> {
     // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
     const pool = this.registry.get(binding.name, domain);
     const options = pool.options;

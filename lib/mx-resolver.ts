@@ -131,7 +131,10 @@ export class MxResolver {
     const value: MxAddress[] = [];
     let ttl: number | undefined;
     let error: string | undefined;
-    for (const [result, family] of [[v4, 4], [v6, 6]] as const) {
+    for (const [result, family] of [
+      [v4, 4],
+      [v6, 6],
+    ] as const) {
       if (result.status === 'fulfilled') {
         for (const record of result.value) {
           value.push({ address: record.address, family });

@@ -141,7 +141,11 @@ export class DestinationPool {
         entry = await this.pool.acquire();
       } catch (err) {
         this.armIdleTimer();
-        throw new BindingPoolError('EACQUIRE', `no connection to ${this.domain} became free within ${this.settings.acquireTimeout} ms (${describeError(err)})`, { cause: err });
+        throw new BindingPoolError(
+          'EACQUIRE',
+          `no connection to ${this.domain} became free within ${this.settings.acquireTimeout} ms (${describeError(err)})`,
+          { cause: err },
+        );
       }
       if (entry instanceof ConnectFailure) {
         await this.pool.destroy(entry);
@@ -160,7 +164,10 @@ export class DestinationPool {
   /** Takes a connection back after a transaction; a retired or broken one is closed. */
   release(connection: CountingConnection): void {
     const done = connection.usable ? this.pool.release(connection) : this.pool.destroy(connection);
-    done.then(() => this.armIdleTimer(), () => this.armIdleTimer());
+    done.then(
+      () => this.armIdleTimer(),
+      () => this.armIdleTimer(),
+    );
   }
 
   /** False while the pool is backing off after failed connects. */
@@ -236,7 +243,10 @@ export class DestinationPool {
       const pause = Math.min(this.settings.connectBackoff * 2 ** (this.consecutiveFailures - 1), this.settings.maxConnectBackoff);
       this.backoffUntil = Date.now() + pause;
       poolLog('%s/%s connect failed (%d in a row), backing off %d ms: %s', this.binding, this.domain, this.consecutiveFailures, pause, describeError(err));
-      return new ConnectFailure(new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, { cause: err }), this.backoffUntil);
+      return new ConnectFailure(
+        new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, { cause: err }),
+        this.backoffUntil,
+      );
     }
   }
 

@@ -13,16 +13,17 @@ import type { ResolvedOptions, TlsPolicy } from './options';
 import type { Connector } from './pool-registry';
 
 /** Everything a connection needs that depends on the host it goes to. */
-type Hop = Pick<ConnectionTarget, 'host' | 'servername' | 'port' | 'secure' | 'requireTLS' | 'ignoreTLS' | 'opportunisticTLS' | 'lmtp' | 'tls' | 'auth' | 'allowUnencryptedAuth'>;
+type Hop = Pick<
+  ConnectionTarget,
+  'host' | 'servername' | 'port' | 'secure' | 'requireTLS' | 'ignoreTLS' | 'opportunisticTLS' | 'lmtp' | 'tls' | 'auth' | 'allowUnencryptedAuth'
+>;
 
 /**
  * Where a domain's recipients go: hosts to try, or a verdict reached without connecting (with
  * the SMTP-style reply reported for each recipient).
  */
 export type RouteDecision =
-  | { kind: 'hops'; hops: Hop[] }
-  | { kind: 'reject'; responseCode: number; response: string }
-  | { kind: 'defer'; responseCode: number; response: string };
+  { kind: 'hops'; hops: Hop[] } | { kind: 'reject'; responseCode: number; response: string } | { kind: 'defer'; responseCode: number; response: string };
 
 export class Router {
   constructor(private readonly mx: MxResolver) {}

@@ -100,7 +100,11 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
    */
   verify(callback?: (err: Error | null, success?: true) => void): Promise<true> {
     const checking = this.engine.verify();
-    if (callback) checking.then((ok) => callback(null, ok), (err: Error) => callback(err));
+    if (callback)
+      checking.then(
+        (ok) => callback(null, ok),
+        (err: Error) => callback(err),
+      );
     return checking;
   }
 

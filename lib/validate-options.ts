@@ -17,7 +17,18 @@ import {
   type ScopedOptions,
 } from './options';
 
-const TOP_LEVEL_KEYS = [...SCOPED_OPTION_NAMES, ...Object.keys(DNS_OPTIONS), 'bindings', 'bindingGroups', 'domains', 'defaultBinding', 'selectBinding', 'name', 'dnsServers', 'deliveryThread'];
+const TOP_LEVEL_KEYS = [
+  ...SCOPED_OPTION_NAMES,
+  ...Object.keys(DNS_OPTIONS),
+  'bindings',
+  'bindingGroups',
+  'domains',
+  'defaultBinding',
+  'selectBinding',
+  'name',
+  'dnsServers',
+  'deliveryThread',
+];
 const TLS_POLICIES = ['no', 'ifavailable', 'required'];
 const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
 const GROUP_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'domains'];
@@ -53,15 +64,18 @@ export function checkOptions(input: unknown): CheckedOptions {
   }
   for (const [name, { min }] of Object.entries(DNS_OPTIONS)) {
     const value = options[name];
-    if (value !== undefined && (!Number.isInteger(value) || (value as number) < min)) throw new ConfigError(name, `must be a whole number ≥ ${min}, got ${show(value)}`);
+    if (value !== undefined && (!Number.isInteger(value) || (value as number) < min))
+      throw new ConfigError(name, `must be a whole number ≥ ${min}, got ${show(value)}`);
   }
   const { minDnsTtl, maxDnsTtl } = options as { minDnsTtl?: number; maxDnsTtl?: number };
   if (minDnsTtl !== undefined && maxDnsTtl !== undefined && minDnsTtl > maxDnsTtl) throw new ConfigError('minDnsTtl', 'must not be larger than maxDnsTtl');
   if (options.dnsServers !== undefined) {
     const servers = options.dnsServers;
-    if (!Array.isArray(servers) || servers.length === 0) throw new ConfigError('dnsServers', 'must be a non-empty array of "address" or "address:port" strings');
+    if (!Array.isArray(servers) || servers.length === 0)
+      throw new ConfigError('dnsServers', 'must be a non-empty array of "address" or "address:port" strings');
     servers.forEach((server: unknown, i: number) => {
-      if (typeof server !== 'string' || !isDnsServer(server)) throw new ConfigError(`dnsServers[${i}]`, `must be an IP address with an optional port, got ${show(server)}`);
+      if (typeof server !== 'string' || !isDnsServer(server))
+        throw new ConfigError(`dnsServers[${i}]`, `must be an IP address with an optional port, got ${show(server)}`);
     });
   }
 
@@ -99,7 +113,10 @@ export function checkOptions(input: unknown): CheckedOptions {
       }
       const other = groupOf.get(member);
       if (other !== undefined) {
-        throw new ConfigError(memberPath, `binding ${JSON.stringify(member)} already belongs to group ${JSON.stringify(other)}; a binding belongs to at most one group`);
+        throw new ConfigError(
+          memberPath,
+          `binding ${JSON.stringify(member)} already belongs to group ${JSON.stringify(other)}; a binding belongs to at most one group`,
+        );
       }
       groupOf.set(member, name);
     });
@@ -109,7 +126,10 @@ export function checkOptions(input: unknown): CheckedOptions {
   const defaultBinding = options.defaultBinding ?? BUILT_IN_BINDING;
   if (typeof defaultBinding !== 'string') throw new ConfigError('defaultBinding', 'must be a binding or binding group name');
   if (defaultBinding !== BUILT_IN_BINDING && !(defaultBinding in bindings) && !(defaultBinding in bindingGroups)) {
-    throw new ConfigError('defaultBinding', `names no binding or binding group${suggestion(defaultBinding, [...Object.keys(bindings), ...Object.keys(bindingGroups)])}`);
+    throw new ConfigError(
+      'defaultBinding',
+      `names no binding or binding group${suggestion(defaultBinding, [...Object.keys(bindings), ...Object.keys(bindingGroups)])}`,
+    );
   }
 
   return {
@@ -143,22 +163,29 @@ function checkScoped(scope: Record<string, unknown>, path: string): void {
     const optionPath = childPath(path, name);
     switch (SCOPED_OPTIONS[name].kind) {
       case 'count':
-        if (!Number.isInteger(value) || (value as number) < 0) throw new ConfigError(optionPath, `must be a whole number ≥ 0 (0 = no limit), got ${show(value)}`);
+        if (!Number.isInteger(value) || (value as number) < 0)
+          throw new ConfigError(optionPath, `must be a whole number ≥ 0 (0 = no limit), got ${show(value)}`);
         break;
       case 'positive':
         if (!Number.isInteger(value) || (value as number) < 1) throw new ConfigError(optionPath, `must be a whole number ≥ 1, got ${show(value)}`);
         break;
       case 'milliseconds':
-        if (!Number.isInteger(value) || (value as number) < 1) throw new ConfigError(optionPath, `must be a whole number of milliseconds ≥ 1, got ${show(value)}`);
+        if (!Number.isInteger(value) || (value as number) < 1)
+          throw new ConfigError(optionPath, `must be a whole number of milliseconds ≥ 1, got ${show(value)}`);
         break;
       case 'port':
-        if (!Number.isInteger(value) || (value as number) < 1 || (value as number) > 65535) throw new ConfigError(optionPath, `must be a port number 1–65535, got ${show(value)}`);
+        if (!Number.isInteger(value) || (value as number) < 1 || (value as number) > 65535)
+          throw new ConfigError(optionPath, `must be a port number 1–65535, got ${show(value)}`);
         break;
       case 'route':
         checkRoute(value, optionPath);
         break;
       case 'tlsPolicy':
-        if (!TLS_POLICIES.includes(value as string)) throw new ConfigError(optionPath, `must be one of ${TLS_POLICIES.map((p) => JSON.stringify(p)).join(', ')}, got ${show(value)}${suggestion(String(value), TLS_POLICIES)}`);
+        if (!TLS_POLICIES.includes(value as string))
+          throw new ConfigError(
+            optionPath,
+            `must be one of ${TLS_POLICIES.map((p) => JSON.stringify(p)).join(', ')}, got ${show(value)}${suggestion(String(value), TLS_POLICIES)}`,
+          );
         break;
       case 'tlsOptions':
         checkObject(value, optionPath);
@@ -177,7 +204,8 @@ function checkRoute(value: unknown, path: string): void {
     throw new ConfigError(childPath(path, 'port'), `must be a port number 1–65535, got ${show(route.port)}`);
   }
   for (const flag of ['secure', 'requireTLS', 'ignoreTLS', 'lmtp', 'allowUnencryptedAuth']) {
-    if (route[flag] !== undefined && typeof route[flag] !== 'boolean') throw new ConfigError(childPath(path, flag), `must be true or false, got ${show(route[flag])}`);
+    if (route[flag] !== undefined && typeof route[flag] !== 'boolean')
+      throw new ConfigError(childPath(path, flag), `must be true or false, got ${show(route[flag])}`);
   }
   if (route.tls !== undefined) checkObject(route.tls, childPath(path, 'tls'));
   if (route.auth !== undefined) {

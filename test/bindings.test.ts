@@ -68,7 +68,11 @@ describe('bindings', () => {
     });
 
     test('a binding without its own name says EHLO with the global name', async () => {
-      const { transporter } = makeTransport({ route: routeTo(server), name: 'global.test', bindings: { mta1: { ...MTA1 }, bare: { localAddress: '127.0.0.5' } } });
+      const { transporter } = makeTransport({
+        route: routeTo(server),
+        name: 'global.test',
+        bindings: { mta1: { ...MTA1 }, bare: { localAddress: '127.0.0.5' } },
+      });
       await transporter.sendMail(mail('bare', { binding: 'bare' }));
       await transporter.sendMail(mail('own', { binding: 'mta1' }));
       await transporter.close();
@@ -180,8 +184,18 @@ describe('bindings', () => {
   describe('unknown names are refused before anything is sent', () => {
     test.each<[string, Partial<SendMailOptions>, BindingPoolOptions, string]>([
       ['an unknown binding', { binding: 'mta9' }, {}, 'unknown binding "mta9" (did you mean "mta1"?)'],
-      ['an unknown binding group', { bindingGroup: 'blk' }, { bindingGroups: { bulk: { bindings: ['mta1'] } } }, 'unknown binding group "blk" (did you mean "bulk"?)'],
-      ['a binding and a binding group at once', { binding: 'mta1', bindingGroup: 'bulk' }, { bindingGroups: { bulk: { bindings: ['mta2'] } } }, 'names both a binding and a binding group'],
+      [
+        'an unknown binding group',
+        { bindingGroup: 'blk' },
+        { bindingGroups: { bulk: { bindings: ['mta1'] } } },
+        'unknown binding group "blk" (did you mean "bulk"?)',
+      ],
+      [
+        'a binding and a binding group at once',
+        { binding: 'mta1', bindingGroup: 'bulk' },
+        { bindingGroups: { bulk: { bindings: ['mta2'] } } },
+        'names both a binding and a binding group',
+      ],
       ['selectBinding naming nothing', {}, { selectBinding: () => 'nowhere' }, 'unknown binding "nowhere"'],
       ['selectBinding naming an unknown group', {}, { selectBinding: () => ({ bindingGroup: 'nowhere' }) }, 'unknown binding group "nowhere"'],
     ])('%s: EBINDING, and the server saw no connection', async (_what, choice, extra, message) => {
@@ -231,7 +245,13 @@ describe('bindings', () => {
         transporter.sendMail({ from: 's@example.com', to: ['a2@example.org', 'nobody@example.org'], subject: 'p2', text: 'x', binding: 'mta1' }),
         transporter.sendMail({ from: 's@example.com', to: 'a3@example.org', subject: 'p3', text: 'x', binding: 'mta1' }),
         // One message to two domains from mta1: example.org and other.example go through different pools.
-        transporter.sendMail({ from: 's@example.com', to: ['a4@example.org', 'o1@other.example', 'o2@other.example'], subject: 'p4', text: 'x', binding: 'mta1' }),
+        transporter.sendMail({
+          from: 's@example.com',
+          to: ['a4@example.org', 'o1@other.example', 'o2@other.example'],
+          subject: 'p4',
+          text: 'x',
+          binding: 'mta1',
+        }),
         // mta2 → example.org: its own pool, its own connection.
         transporter.sendMail({ from: 's@example.com', to: ['b1@example.org', 'b2@example.org', 'b3@example.org'], subject: 'p5', text: 'x', binding: 'mta2' }),
       ];
@@ -266,7 +286,10 @@ describe('bindings', () => {
       });
 
       const address: Record<string, string> = { mta1: '127.0.0.2', mta2: '127.0.0.3' };
-      const fromStats = (p: PoolStats) => [`${address[p.binding]} ${p.domain}`, { connections: p.opened, transactions: p.transactions, recipients: p.recipients, deliveries: p.deliveries }];
+      const fromStats = (p: PoolStats) => [
+        `${address[p.binding]} ${p.domain}`,
+        { connections: p.opened, transactions: p.transactions, recipients: p.recipients, deliveries: p.deliveries },
+      ];
       expect(stats).toHaveLength(3);
       expect(Object.fromEntries(stats.map(fromStats))).toEqual(Object.fromEntries(seen));
     });

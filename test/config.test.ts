@@ -46,7 +46,12 @@ describe('option checking at construction', () => {
     ['non-integer milliseconds', { idleTimeout: 1.5 }, 'idleTimeout', 'milliseconds'],
     ['port out of range', { port: 65536 }, 'port', 'must be a port number 1–65535, got 65536'],
     ['tls policy typo', { tls: 'requried' }, 'tls', 'did you mean "required"'],
-    ['unknown option, with a suggestion', { maxDeliveriesPerConection: 5 }, 'maxDeliveriesPerConection', 'unknown option (did you mean "maxDeliveriesPerConnection"?)'],
+    [
+      'unknown option, with a suggestion',
+      { maxDeliveriesPerConection: 5 },
+      'maxDeliveriesPerConection',
+      'unknown option (did you mean "maxDeliveriesPerConnection"?)',
+    ],
     ['selectBinding not a function', { selectBinding: 'mta1' }, 'selectBinding', 'must be a function'],
     ['options not an object', null, 'options', 'must be an object'],
     [
@@ -61,12 +66,37 @@ describe('option checking at construction', () => {
       'bindingGroups.bulk.domains["example.org"].maxDeliveriesPerConection',
       'did you mean "maxDeliveriesPerConnection"',
     ],
-    ['wrong value in a global domain stanza', { domains: { 'example.org': { maxRecipientsPerTransaction: 0 } } }, 'domains["example.org"].maxRecipientsPerTransaction', 'got 0'],
-    ['binding-only option in a domain stanza', { domains: { 'example.org': { localAddress: '127.0.0.2' } } }, 'domains["example.org"].localAddress', 'unknown option'],
+    [
+      'wrong value in a global domain stanza',
+      { domains: { 'example.org': { maxRecipientsPerTransaction: 0 } } },
+      'domains["example.org"].maxRecipientsPerTransaction',
+      'got 0',
+    ],
+    [
+      'binding-only option in a domain stanza',
+      { domains: { 'example.org': { localAddress: '127.0.0.2' } } },
+      'domains["example.org"].localAddress',
+      'unknown option',
+    ],
     ['unknown binding option', { bindings: { mta1: { localAdress: '127.0.0.2' } } }, 'bindings.mta1.localAdress', 'did you mean "localAddress"'],
-    ['wrong value on a binding group', { bindings, bindingGroups: { bulk: { bindings: ['mta1'], maxOutboundConnections: -1 } } }, 'bindingGroups.bulk.maxOutboundConnections', 'got -1'],
-    ['group member naming a missing binding', { bindings, bindingGroups: { bulk: { bindings: ['mta1', 'mta-2'] } } }, 'bindingGroups.bulk.bindings[1]', 'names no binding (did you mean "mta2"?)'],
-    ['group member that is not a string', { bindings, bindingGroups: { bulk: { bindings: ['mta1', 2] } } }, 'bindingGroups.bulk.bindings[1]', 'names no binding'],
+    [
+      'wrong value on a binding group',
+      { bindings, bindingGroups: { bulk: { bindings: ['mta1'], maxOutboundConnections: -1 } } },
+      'bindingGroups.bulk.maxOutboundConnections',
+      'got -1',
+    ],
+    [
+      'group member naming a missing binding',
+      { bindings, bindingGroups: { bulk: { bindings: ['mta1', 'mta-2'] } } },
+      'bindingGroups.bulk.bindings[1]',
+      'names no binding (did you mean "mta2"?)',
+    ],
+    [
+      'group member that is not a string',
+      { bindings, bindingGroups: { bulk: { bindings: ['mta1', 2] } } },
+      'bindingGroups.bulk.bindings[1]',
+      'names no binding',
+    ],
     ['empty group', { bindings, bindingGroups: { bulk: { bindings: [] } } }, 'bindingGroups.bulk.bindings', 'non-empty array'],
     [
       'a binding in two groups',
@@ -75,7 +105,12 @@ describe('option checking at construction', () => {
       'binding "mta2" already belongs to group "bulk"',
     ],
     ['group named like a binding', { bindings, bindingGroups: { mta1: { bindings: ['mta2'] } } }, 'bindingGroups.mta1', 'names must be unique'],
-    ['localAddress that is a host name', { bindings: { mta1: { localAddress: 'localhost' } } }, 'bindings.mta1.localAddress', 'must be an IPv4 or IPv6 address, got "localhost"'],
+    [
+      'localAddress that is a host name',
+      { bindings: { mta1: { localAddress: 'localhost' } } },
+      'bindings.mta1.localAddress',
+      'must be an IPv4 or IPv6 address, got "localhost"',
+    ],
     ['localAddress out of range', { bindings: { mta1: { localAddress: '127.0.0.300' } } }, 'bindings.mta1.localAddress', 'got "127.0.0.300"'],
     ['localAddress not a string', { bindings: { mta1: { localAddress: 2130706434 } } }, 'bindings.mta1.localAddress', 'must be an IPv4 or IPv6 address'],
     ['EHLO name with a space', { bindings: { mta1: { name: 'mta 1' } } }, 'bindings.mta1.name', 'must be a host name for EHLO'],
@@ -93,10 +128,20 @@ describe('option checking at construction', () => {
       'got 70000',
     ],
     ['defaultBinding naming nothing', { bindings, defaultBinding: 'mta3' }, 'defaultBinding', 'names no binding or binding group'],
-    ['defaultBinding with a typo', { bindings, bindingGroups: { bulk: { bindings: ['mta1'] } }, defaultBinding: 'blk' }, 'defaultBinding', 'did you mean "bulk"'],
+    [
+      'defaultBinding with a typo',
+      { bindings, bindingGroups: { bulk: { bindings: ['mta1'] } }, defaultBinding: 'blk' },
+      'defaultBinding',
+      'did you mean "bulk"',
+    ],
     ['domain key that is no domain', { domains: { 'not a domain': {} } }, 'domains["not a domain"]', 'is not a valid domain name'],
     ['domain keys equal after lower-casing', { domains: { 'Example.ORG': {}, 'example.org': {} } }, 'domains["example.org"]', 'repeats domain "example.org"'],
-    ['IDN key and its punycode form', { domains: { 'bücher.example': {}, 'xn--bcher-kva.example': {} } }, 'domains["xn--bcher-kva.example"]', 'repeats domain "xn--bcher-kva.example"'],
+    [
+      'IDN key and its punycode form',
+      { domains: { 'bücher.example': {}, 'xn--bcher-kva.example': {} } },
+      'domains["xn--bcher-kva.example"]',
+      'repeats domain "xn--bcher-kva.example"',
+    ],
     ['domain stanza that is not an object', { domains: { 'example.org': 5 } }, 'domains["example.org"]', 'must be an object, got 5'],
     ['DNS option below its minimum', { maxDnsTtl: 0 }, 'maxDnsTtl', 'must be a whole number ≥ 1, got 0'],
   ])('%s', (_what, options, path, fragment) => {
@@ -161,7 +206,9 @@ describe('domain keys are normalised', () => {
     // No global route: only the stanza's route reaches the server.
     const { transporter } = makeTransport({ maxOutboundConnections: 1, domains: { 'EXAMPLE.ORG': { route: routeTo(server), maxDeliveriesPerConnection: 2 } } });
     const infos = await Promise.all(
-      ['a@Example.Org', 'b@example.ORG', 'c@EXAMPLE.ORG', 'd@example.org'].map((to, i) => transporter.sendMail({ from: 's@example.com', to, subject: `m${i}`, text: 'x' })),
+      ['a@Example.Org', 'b@example.ORG', 'c@EXAMPLE.ORG', 'd@example.org'].map((to, i) =>
+        transporter.sendMail({ from: 's@example.com', to, subject: `m${i}`, text: 'x' }),
+      ),
     );
     await transporter.close();
     expect(infos.map((i) => i.accepted.length)).toEqual([1, 1, 1, 1]);
@@ -171,8 +218,16 @@ describe('domain keys are normalised', () => {
   });
 
   test('an IDN stanza key applies to recipients at its upper-case form; other domains do not use it', async () => {
-    const { transporter } = makeTransport({ maxOutboundConnections: 1, domains: { 'bücher.example': { route: routeTo(server), maxDeliveriesPerConnection: 1 } } });
-    const info = await transporter.sendMail({ from: 's@example.com', to: ['kunde@BÜCHER.example', 'leser@bücher.example', 'x@other.example'], subject: 'idn', text: 'x' });
+    const { transporter } = makeTransport({
+      maxOutboundConnections: 1,
+      domains: { 'bücher.example': { route: routeTo(server), maxDeliveriesPerConnection: 1 } },
+    });
+    const info = await transporter.sendMail({
+      from: 's@example.com',
+      to: ['kunde@BÜCHER.example', 'leser@bücher.example', 'x@other.example'],
+      subject: 'idn',
+      text: 'x',
+    });
     await transporter.close();
     // Nodemailer hands the envelope over with the domains in punycode already.
     expect(info.accepted.sort()).toEqual(['kunde@xn--bcher-kva.example', 'leser@xn--bcher-kva.example']);
@@ -217,7 +272,11 @@ describe('scope resolution, seen on the server', () => {
     expect(infos.every((i) => i.accepted.length === 1)).toBe(true);
     // Every connection carried one domain only, from the source address of its binding.
     for (const c of server.connections) expect(domainsOf(c).size).toBe(1);
-    for (const p of probes) expect({ probe: `${p.binding}/${p.domain}`, perConnection: profile(server, p.source, p.domain) }).toEqual({ probe: `${p.binding}/${p.domain}`, perConnection: PER[p.limit] });
+    for (const p of probes)
+      expect({ probe: `${p.binding}/${p.domain}`, perConnection: profile(server, p.source, p.domain) }).toEqual({
+        probe: `${p.binding}/${p.domain}`,
+        perConnection: PER[p.limit],
+      });
     expect(server.connections).toHaveLength(probes.reduce((n, p) => n + PER[p.limit].length, 0));
     expect(server.totalDelivered()).toBe(N * probes.length);
   }

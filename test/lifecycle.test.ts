@@ -120,7 +120,9 @@ describe('LMTP', () => {
         onData: (stream, session, callback) => {
           stream.resume();
           stream.on('end', () => {
-            const replies = session.envelope.rcptTo.map((r) => (r.address.startsWith('full') ? Object.assign(new Error('mailbox full'), { responseCode: 552 }) : 'delivered'));
+            const replies = session.envelope.rcptTo.map((r) =>
+              r.address.startsWith('full') ? Object.assign(new Error('mailbox full'), { responseCode: 552 }) : 'delivered',
+            );
             (callback as unknown as (err: null, replies: (string | Error)[]) => void)(null, replies);
           });
         },

@@ -78,7 +78,11 @@ describe('direct MX delivery', () => {
 
   test('a host that greets with 421 is skipped for the next one', async () => {
     await mx1.stop();
-    mx1 = await RecordingServer.start('127.0.0.5', { server: { onConnect: (_s, cb) => cb(Object.assign(new Error('busy'), { responseCode: 421 })) } }, mx2.port);
+    mx1 = await RecordingServer.start(
+      '127.0.0.5',
+      { server: { onConnect: (_s, cb) => cb(Object.assign(new Error('busy'), { responseCode: 421 })) } },
+      mx2.port,
+    );
     const { transporter } = transport();
     const info = await transporter.sendMail(mail('a@mx.test'));
     await transporter.close();

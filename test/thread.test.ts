@@ -29,7 +29,11 @@ describe('deliveryThread', () => {
     const infos = await Promise.all(messages(20, 'thread.test', { bindingGroup: 'bulk' }).map((m) => transporter.sendMail(m)));
     await transporter.close();
 
-    expect(infos.flatMap((i) => i.accepted).sort()).toEqual(messages(20, 'thread.test').map((m) => m.to).sort());
+    expect(infos.flatMap((i) => i.accepted).sort()).toEqual(
+      messages(20, 'thread.test')
+        .map((m) => m.to)
+        .sort(),
+    );
     expect(server.totalDelivered()).toBe(20);
     for (const c of server.connections) expect(c.transactions.filter((t) => t.delivered).length).toBeLessThanOrEqual(4);
     const bySource = new Map<string, number>();
@@ -50,7 +54,11 @@ describe('deliveryThread', () => {
     await transporter.close();
     expect(infos.every((i) => i.accepted.length === 1)).toBe(true);
     const subjects = server.connections.flatMap((c) => c.transactions.filter((t) => t.delivered).map((t) => t.subject));
-    expect(subjects.sort()).toEqual(messages(10, 'exim.test').map((m) => m.subject).sort());
+    expect(subjects.sort()).toEqual(
+      messages(10, 'exim.test')
+        .map((m) => m.subject)
+        .sort(),
+    );
   });
 
   test('rejections, a selectBinding function and verify() work across the thread', async () => {

@@ -17,7 +17,9 @@ describe('a refused MAIL FROM decides the recipients (PIPELINING: the RCPT repli
   ] as const)('%d at MAIL FROM: %s recipients carry the MAIL FROM reply', async (code, text, errorCode, status) => {
     const server = await RecordingServer.start('127.0.0.1', refuseMailFrom(code, text));
     const { transporter } = makeTransport({ route: routeTo(server) });
-    const err = (await transporter.sendMail({ from: 's@example.com', to: ['a@example.org', 'b@example.org'], text: 'x' }).catch((e: unknown) => e)) as BindingPoolSendError;
+    const err = (await transporter
+      .sendMail({ from: 's@example.com', to: ['a@example.org', 'b@example.org'], text: 'x' })
+      .catch((e: unknown) => e)) as BindingPoolSendError;
     await transporter.close();
     await server.stop();
     expect(err.code).toBe(errorCode);

@@ -108,7 +108,15 @@ export class RecordingServer {
       // No PTR lookups of client addresses: 127.0.0.2/.3 are not in /etc/hosts, so they would go to the system resolver.
       disableReverseLookup: true,
       onConnect: (session, callback) => {
-        const seen: SeenConnection = { id: session.id, remoteAddress: session.remoteAddress, ehloName: '', transactions: [], secure: session.secure, closed: false, mailRefused: 0 };
+        const seen: SeenConnection = {
+          id: session.id,
+          remoteAddress: session.remoteAddress,
+          ehloName: '',
+          transactions: [],
+          secure: session.secure,
+          closed: false,
+          mailRefused: 0,
+        };
         const refusal = this.behaviour.greeting?.(session.remoteAddress.replace(/^::ffff:/, ''));
         if (refusal) {
           this.refusedConnections.push(session.remoteAddress.replace(/^::ffff:/, ''));

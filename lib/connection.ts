@@ -230,13 +230,30 @@ export class CountingConnection {
         this.retireIfSpent();
         if (err && !this.ended && this.usable) {
           // The transaction failed but the session is alive: RSET before it carries another.
-          this.smtp.reset((resetErr) => {
-            if (resetErr) this.retire('error');
-            resolve(replies);
-          });
+          this.resetSession().then(() => resolve(replies));
           return;
         }
         resolve(replies);
+      });
+    });
+  }
+
+  /**
+   * RSET after a failed transaction. SMTPConnection forgets the RSET callback when the socket
+   * closes before the reply, so the end of the connection settles it too (a retired connection).
+   */
+  private resetSession(): Promise<void> {
+    return new Promise((resolve) => {
+      const ended = (): void => {
+        this.retire('error');
+        resolve();
+      };
+      this.endWaiters.push(ended);
+      this.smtp.reset((resetErr) => {
+        const waiting = this.endWaiters.indexOf(ended);
+        if (waiting >= 0) this.endWaiters.splice(waiting, 1);
+        if (resetErr) this.retire('error');
+        resolve();
       });
     });
   }

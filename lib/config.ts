@@ -90,7 +90,7 @@ export class ScopeResolver {
       if (!group) {
         throw new BindingPoolError(
           'EBINDING',
-          `unknown binding group ${JSON.stringify(choice.bindingGroup)}${suggestion(String(choice.bindingGroup), Object.keys(this.options.bindingGroups))}; nothing of this message was sent`,
+          `unknown binding group ${nameOf(choice.bindingGroup)}${typeof choice.bindingGroup === 'string' ? suggestion(choice.bindingGroup, Object.keys(this.options.bindingGroups)) : ''}; nothing of this message was sent`,
         );
       }
       return { group: choice.bindingGroup };
@@ -100,7 +100,7 @@ export class ScopeResolver {
     if (!binding) {
       throw new BindingPoolError(
         'EBINDING',
-        `unknown binding ${JSON.stringify(name)}${suggestion(String(name), [...this.bindings.keys()])}; nothing of this message was sent`,
+        `unknown binding ${nameOf(name)}${typeof name === 'string' ? suggestion(name, [...this.bindings.keys()]) : ''}; nothing of this message was sent`,
       );
     }
     return { binding: binding.name };
@@ -177,4 +177,9 @@ export class ScopeResolver {
   private choiceForName(name: string): BindingChoice {
     return name in this.options.bindingGroups ? { bindingGroup: name } : { binding: name };
   }
+}
+
+/** A binding name for an error message; a message may name anything, not only a string. */
+function nameOf(name: unknown): string {
+  return typeof name === 'string' ? JSON.stringify(name) : `of type ${typeof name}`;
 }

@@ -93,6 +93,9 @@ export class DestinationPool {
   /** Set once close() is called: why the pool's remaining connections are closed. */
   private closing: 'idle' | 'shutdown' | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
+  /** Connects in progress, and create() calls waiting for a closing connection to free its slot. */
+  private dialing = 0;
+  private readonly slotWaiters: (() => void)[] = [];
 
   constructor(
     binding: string,
@@ -218,6 +221,12 @@ export class DestinationPool {
   }
 
   private async create(): Promise<PoolEntry> {
+    // generic-pool frees a connection's slot as soon as it starts destroying it, while the
+    // connection is still QUITting: wait for it, so that the destination never sees more than
+    // maxConnections sockets from this pool (`live` holds connections until they are closed).
+    while (this.live.size + this.dialing >= this.settings.maxConnections) {
+      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+    }
     const now = Date.now();
     if (now < this.backoffUntil) {
       return new ConnectFailure(
@@ -229,6 +238,7 @@ export class DestinationPool {
         this.backoffUntil,
       );
     }
+    this.dialing++;
     try {
       const connection = await this.connect();
       this.consecutiveFailures = 0;
@@ -247,7 +257,14 @@ export class DestinationPool {
         new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, { cause: err }),
         this.backoffUntil,
       );
+    } finally {
+      this.dialing--;
+      this.wakeSlotWaiters();
     }
+  }
+
+  private wakeSlotWaiters(): void {
+    for (const wake of this.slotWaiters.splice(0)) wake();
   }
 
   private async destroy(entry: PoolEntry): Promise<void> {
@@ -255,6 +272,7 @@ export class DestinationPool {
     const reason: RetireReason = entry.usable ? (this.closing ?? 'idle') : 'serverClosed';
     await entry.close(reason);
     this.live.delete(entry);
+    this.wakeSlotWaiters();
     const finalReason = entry.retireReason ?? reason;
     this.retired[finalReason] = (this.retired[finalReason] ?? 0) + 1;
     this.totals.transactions += entry.transactions;

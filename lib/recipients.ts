@@ -30,11 +30,15 @@ export interface InvalidRecipient {
 /** Plain ASCII host names need no IDNA processing (the common case, kept off the slow path). */
 const ASCII_DOMAIN = /^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$/;
 
+/** One label of a host name in ASCII: letters, digits, inner hyphens, at most 63 (punycode labels fit). */
+const LDH_LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
+
 export function normalizeDomain(domain: string): string {
   if (typeof domain !== 'string' || domain === '' || /[\s\0@]/.test(domain)) return '';
   if (domain.length <= 253 && ASCII_DOMAIN.test(domain) && !/(^|\.)xn--/i.test(domain)) return domain.toLowerCase();
   const ascii = domainToASCII(domain.replace(/\.$/, '')).toLowerCase();
-  if (!ascii || ascii.length > 253 || (!ascii.includes('.') && !/^[a-z0-9-]+$/.test(ascii))) return '';
+  // domainToASCII (WHATWG, non-strict) keeps empty labels, edge hyphens and underscores.
+  if (!ascii || ascii.length > 253 || !ascii.split('.').every((label) => LDH_LABEL.test(label))) return '';
   return ascii;
 }
 
@@ -52,6 +56,8 @@ export function assertNoInjection(address: string, role: 'sender' | 'recipient')
 export function parseRecipient(address: string): Recipient | InvalidRecipient {
   const at = address.lastIndexOf('@');
   if (at <= 0 || at === address.length - 1) return { address, reason: 'has no local part or no domain' };
+  // Nodemailer trims what it sends in RCPT TO and reports the replies under the trimmed form.
+  if (address.trimStart() !== address) return { address, reason: 'starts with whitespace' };
   const local = address.slice(0, at);
   if (local.length > MAX_LOCAL_PART) return { address, reason: `local part is longer than ${MAX_LOCAL_PART} characters` };
   const domain = normalizeDomain(address.slice(at + 1));

@@ -88,7 +88,7 @@ export function checkOptions(input: unknown): CheckedOptions {
     checkScoped(raw, path);
     const binding = raw as BindingOptions;
     if (binding.localAddress !== undefined && (typeof binding.localAddress !== 'string' || !isIP(binding.localAddress))) {
-      throw new ConfigError(childPath(path, 'localAddress'), `must be an IPv4 or IPv6 address, got ${JSON.stringify(binding.localAddress)}`);
+      throw new ConfigError(childPath(path, 'localAddress'), `must be an IPv4 or IPv6 address, got ${show(binding.localAddress)}`);
     }
     if (binding.name !== undefined) checkHostName(binding.name, childPath(path, 'name'));
     bindings[name] = { ...binding, domains: checkDomains(binding.domains, childPath(path, 'domains')) };
@@ -109,7 +109,7 @@ export function checkOptions(input: unknown): CheckedOptions {
     members.forEach((member: unknown, i: number) => {
       const memberPath = `${membersPath}[${i}]`;
       if (typeof member !== 'string' || !(member in bindings)) {
-        throw new ConfigError(memberPath, `names no binding${suggestion(String(member), Object.keys(bindings))}`);
+        throw new ConfigError(memberPath, `names no binding${typeof member === 'string' ? suggestion(member, Object.keys(bindings)) : ''}`);
       }
       const other = groupOf.get(member);
       if (other !== undefined) {
@@ -184,7 +184,7 @@ function checkScoped(scope: Record<string, unknown>, path: string): void {
         if (!TLS_POLICIES.includes(value as string))
           throw new ConfigError(
             optionPath,
-            `must be one of ${TLS_POLICIES.map((p) => JSON.stringify(p)).join(', ')}, got ${show(value)}${suggestion(String(value), TLS_POLICIES)}`,
+            `must be one of ${TLS_POLICIES.map((p) => JSON.stringify(p)).join(', ')}, got ${show(value)}${typeof value === 'string' ? suggestion(value, TLS_POLICIES) : ''}`,
           );
         break;
       case 'tlsOptions':

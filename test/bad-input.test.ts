@@ -85,6 +85,18 @@ function subtract(after: string[], before: string[]): string[] {
   return left;
 }
 
+/** The constructor throws a ConfigError naming `path`, and nothing else. */
+function expectConfigError(options: unknown, path: string): void {
+  let thrown: unknown;
+  try {
+    new BindingPoolTransport(options as BindingPoolOptions);
+  } catch (err) {
+    thrown = err;
+  }
+  expect(thrown).toBeInstanceOf(ConfigError);
+  expect(thrown).toMatchObject({ code: 'ECONFIG', path });
+}
+
 describe('malformed and oversize recipients: rejected locally with the reason, the others delivered', () => {
   const local64 = 'l'.repeat(64);
   /** An address of `length` characters with a 64-character local part. */
@@ -273,16 +285,7 @@ describe('options of the wrong type: ECONFIG naming the option', () => {
     ['a tls policy of the wrong type', { tls: true }, 'tls'],
     ['dnsServers as a string', { dnsServers: '127.0.0.1' }, 'dnsServers'],
     ['selectBinding as a string', { selectBinding: 'b' }, 'selectBinding'],
-  ])('%s', (_what, options, path) => {
-    let thrown: unknown;
-    try {
-      new BindingPoolTransport(options as BindingPoolOptions);
-    } catch (err) {
-      thrown = err;
-    }
-    expect(thrown).toBeInstanceOf(ConfigError);
-    expect(thrown).toMatchObject({ code: 'ECONFIG', path });
-  });
+  ])('%s', (_what, options, path) => expectConfigError(options, path));
 
   // Regression, found by the fuzz below: the messages for a bad localAddress, tls policy or group
   // member stringified the value in ways that throw for a BigInt or a null-prototype object, so
@@ -296,16 +299,7 @@ describe('options of the wrong type: ECONFIG naming the option', () => {
       { bindings: { b: {} }, bindingGroups: { g: { bindings: [Object.create(null)] } } },
       'bindingGroups.g.bindings[0]',
     ],
-  ])('%s', (_what, options, path) => {
-    let thrown: unknown;
-    try {
-      new BindingPoolTransport(options as BindingPoolOptions);
-    } catch (err) {
-      thrown = err;
-    }
-    expect(thrown).toBeInstanceOf(ConfigError);
-    expect(thrown).toMatchObject({ path });
-  });
+  ])('%s', (_what, options, path) => expectConfigError(options, path));
 });
 
 describe('a recipient with leading whitespace (Nodemailer trims what it sends)', () => {

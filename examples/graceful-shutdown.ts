@@ -5,29 +5,14 @@
  * sends are in flight at that moment. Every one of them settles, and a send after close() fails
  * with ECLOSED.
  */
-import type { AddressInfo } from 'node:net';
 import nodemailer from 'nodemailer';
-import { SMTPServer } from 'smtp-server';
 import { BindingPoolTransport, type BindingPoolError, type ConnectionSummary } from '../lib';
-import { runMain } from './run-main';
+import { runMain, startSlowSink } from './run-main';
 
 async function main(): Promise<number> {
-  const server = new SMTPServer({
-    disableReverseLookup: true,
-    authOptional: true,
-    logger: false,
-    disabledCommands: ['STARTTLS'],
-    onData(stream, _session, callback) {
-      stream.resume();
-      stream.on('end', () => setTimeout(() => callback(null, 'Ok'), 100));
-    },
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
-  });
+  const { server, route } = await startSlowSink(100);
   const pool = new BindingPoolTransport({
-    route: { host: '127.0.0.1', port: (server.server.address() as AddressInfo).port },
+    route,
     maxOutboundConnections: 3,
   });
   const closed: ConnectionSummary[] = [];

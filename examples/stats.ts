@@ -2,28 +2,12 @@
  * Monitoring: sample `pool.stats()` while a batch is sending, and log every `connectionClosed`
  * event. The server takes 5 ms per message so the samples catch busy connections and waiting sends.
  */
-import type { AddressInfo } from 'node:net';
 import nodemailer from 'nodemailer';
-import { SMTPServer } from 'smtp-server';
 import { BindingPoolTransport, type ConnectionSummary, type TransportStats } from '../lib';
-import { runMain } from './run-main';
+import { runMain, startSlowSink } from './run-main';
 
 async function main(): Promise<number> {
-  const server = new SMTPServer({
-    disableReverseLookup: true,
-    authOptional: true,
-    logger: false,
-    disabledCommands: ['STARTTLS'],
-    onData(stream, _session, callback) {
-      stream.resume();
-      stream.on('end', () => setTimeout(() => callback(null, 'Ok'), 5));
-    },
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
-  });
-  const route = { host: '127.0.0.1', port: (server.server.address() as AddressInfo).port };
+  const { server, route } = await startSlowSink(5);
 
   const pool = new BindingPoolTransport({
     maxOutboundConnections: 3,

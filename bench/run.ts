@@ -120,10 +120,11 @@ function sendsFor(scenario: Scenario, settings: Settings): number {
 async function runScenario(scenario: Scenario, settings: Settings, sink: Sink): Promise<Map<CandidateName, Round[]>> {
   const sends = sendsFor(scenario, settings);
   const warmupSends = scenario.shape === 'fanout' ? 1 : Math.min(1_000, Math.max(50, Math.floor(sends / 10)));
+  const window = scenario.window === 'all' ? sends : settings.window;
   const rounds = new Map<CandidateName, Round[]>(scenario.candidates.map((c) => [c, []]));
   console.log(`\n=== ${scenario.name}: ${scenario.title}`);
   console.log(
-    `    ${sends} sends per round (+${warmupSends} warm-up on a separate instance), window ${settings.window}, ${settings.rounds} rounds, candidates alternate`,
+    `    ${sends} sends per round (+${warmupSends} warm-up on a separate instance), window ${window === sends ? 'all' : window}, ${settings.rounds} rounds, candidates alternate`,
   );
   for (let round = 1; round <= settings.rounds; round++) {
     const line: string[] = [];
@@ -136,7 +137,7 @@ async function runScenario(scenario: Scenario, settings: Settings, sink: Sink): 
         limit: scenario.limit,
         sends,
         warmupSends,
-        window: settings.window,
+        window,
         host: sink.host,
         port: sink.port,
         round,

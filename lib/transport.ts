@@ -10,6 +10,7 @@ import { ScopeResolver } from './config';
 import { emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery';
 import { LocalEngine, type Engine, type EngineStats } from './engine';
 import { ThreadEngine } from './engine-thread';
+import { ConcurrencyLimit } from './concurrency';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
 import { SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
@@ -48,6 +49,9 @@ export interface TransportStats extends EngineStats {
 
 type SendCallback = (err: Error | null, info?: BindingPoolSentMessageInfo) => void;
 
+/** Messages read (built) at once; see ConcurrencyLimit. */
+const MAX_CONCURRENT_READS = 16;
+
 /** The domain key under which recipients with an unparseable address are reported. */
 const INVALID_ADDRESSES = '';
 
@@ -57,6 +61,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   private readonly scopes: ScopeResolver;
   private readonly engine: Engine;
   private readonly inFlight = new Set<Promise<unknown>>();
+  private readonly reads = new ConcurrencyLimit(MAX_CONCURRENT_READS);
   private closed = false;
   private closing: Promise<void> | undefined;
 
@@ -132,7 +137,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
 
     let message: Buffer;
     try {
-      message = await readMessage(mail.message.createReadStream());
+      message = await this.reads.run(() => readMessage(mail.message.createReadStream()));
     } catch (err) {
       throw new BindingPoolError('EMESSAGE', `the message could not be built: ${describeError(err)}; nothing was sent`, { cause: err });
     }

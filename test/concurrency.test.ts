@@ -1,0 +1,54 @@
+import { ConcurrencyLimit } from '../lib/concurrency';
+
+/** A task that runs until its release() is called. */
+function gated() {
+  let release!: () => void;
+  const done = new Promise<void>((resolve) => (release = resolve));
+  return { release, task: () => done };
+}
+
+const turn = () => new Promise((resolve) => setImmediate(resolve));
+
+describe('ConcurrencyLimit', () => {
+  test('runs at most `limit` tasks at once and starts the rest in the order they came', async () => {
+    const limit = new ConcurrencyLimit(2);
+    const started: number[] = [];
+    const gates = Array.from({ length: 5 }, gated);
+    const runs = gates.map((gate, i) =>
+      limit.run(() => {
+        started.push(i);
+        return gate.task();
+      }),
+    );
+    await turn();
+    expect(started).toEqual([0, 1]);
+    expect(limit.queued).toBe(3);
+    gates[1].release();
+    await turn();
+    expect(started).toEqual([0, 1, 2]);
+    gates[0].release();
+    gates[2].release();
+    await turn();
+    expect(started).toEqual([0, 1, 2, 3, 4]);
+    expect(limit.queued).toBe(0);
+    gates[3].release();
+    gates[4].release();
+    await Promise.all(runs);
+  });
+
+  test('a task that fails frees its turn and passes its error on', async () => {
+    const limit = new ConcurrencyLimit(1);
+    const failing = limit.run(() => Promise.reject(new Error('broken stream')));
+    const next = limit.run(async () => 'built');
+    await expect(failing).rejects.toThrow('broken stream');
+    await expect(next).resolves.toBe('built');
+    expect(limit.queued).toBe(0);
+  });
+
+  test('a long queue drains in order', async () => {
+    const limit = new ConcurrencyLimit(3);
+    const order: number[] = [];
+    await Promise.all(Array.from({ length: 3_000 }, (_, i) => limit.run(async () => void order.push(i))));
+    expect(order).toEqual(Array.from({ length: 3_000 }, (_, i) => i));
+  });
+});

@@ -7,7 +7,10 @@
  *   waiting acquire turns into an ECONNECT error, and for a backoff period after a failure
  *   create() hands out such entries without dialing. A dead destination costs one connect
  *   attempt per backoff period, not a busy loop.
- * - Every acquire is bounded by `acquireTimeout`.
+ * - Every acquire is bounded by `acquireTimeout`, counted from the last time the pool handed a
+ *   connection to any send: a stuck destination fails its waiting sends, while a long queue
+ *   that keeps moving (a batch of 100 000 messages) is not cut short (generic-pool's own
+ *   acquireTimeoutMillis would time out every send queued longer than that).
  * - drain() destroys nothing: close() drains and then clears, and waits for every socket.
  */
 import { createPool, type Pool } from 'generic-pool';
@@ -77,6 +80,12 @@ class ConnectFailure {
 
 type PoolEntry = CountingConnection | ConnectFailure;
 
+/** A send waiting for generic-pool to hand it an entry. */
+interface EntryWaiter {
+  since: number;
+  reject(err: BindingPoolError): void;
+}
+
 export class DestinationPool {
   readonly binding: string;
   readonly domain: string;
@@ -96,6 +105,10 @@ export class DestinationPool {
   /** Connects in progress, and create() calls waiting for a closing connection to free its slot. */
   private dialing = 0;
   private readonly slotWaiters: (() => void)[] = [];
+  /** Sends waiting for an entry, oldest first; one left out was given up (acquireTimeout). */
+  private readonly entryWaiters = new Set<EntryWaiter>();
+  private lastHandout = 0;
+  private stallTimer: NodeJS.Timeout | undefined;
 
   constructor(
     binding: string,
@@ -109,7 +122,7 @@ export class DestinationPool {
     this.options = spec.options;
     this.settings = spec.settings;
     this.connect = spec.connect;
-    const { maxConnections, acquireTimeout, idleTimeout } = this.settings;
+    const { maxConnections, idleTimeout } = this.settings;
     this.pool = createPool<PoolEntry>(
       {
         create: () => this.create(),
@@ -118,7 +131,7 @@ export class DestinationPool {
       {
         max: maxConnections,
         min: 0,
-        acquireTimeoutMillis: acquireTimeout,
+        // No acquireTimeoutMillis: nextEntry() bounds waits without progress (see above).
         // Checked in acquire() instead: generic-pool's validation is asynchronous and would add
         // promise turns to every acquire.
         testOnBorrow: false,
@@ -141,14 +154,11 @@ export class DestinationPool {
     for (;;) {
       let entry: PoolEntry;
       try {
-        entry = await this.pool.acquire();
+        entry = await this.nextEntry();
       } catch (err) {
         this.armIdleTimer();
-        throw new BindingPoolError(
-          'EACQUIRE',
-          `no connection to ${this.domain} became free within ${this.settings.acquireTimeout} ms (${describeError(err)})`,
-          { cause: err },
-        );
+        // generic-pool itself refuses only while it drains, i.e. when the transport closes.
+        throw err instanceof BindingPoolError ? err : new BindingPoolError('ECLOSED', `the transport is closing (${describeError(err)})`, { cause: err });
       }
       if (entry instanceof ConnectFailure) {
         await this.pool.destroy(entry);
@@ -162,6 +172,65 @@ export class DestinationPool {
       // The server closed it while it sat idle (an idle timeout, a 421): close it, take another.
       void this.pool.destroy(entry);
     }
+  }
+
+  /**
+   * The next entry generic-pool hands out, or EACQUIRE once the pool has handed nothing to any
+   * send for acquireTimeout while this one waited. A given-up request stays in generic-pool's
+   * queue (it has no cancel); what it is handed later goes straight back.
+   */
+  private nextEntry(): Promise<PoolEntry> {
+    return new Promise((resolve, reject) => {
+      const waiter: EntryWaiter = { since: Date.now(), reject };
+      this.entryWaiters.add(waiter);
+      this.watchForStall();
+      this.pool.acquire().then(
+        (entry) => {
+          this.lastHandout = Date.now();
+          if (this.entryWaiters.delete(waiter)) resolve(entry);
+          else this.giveBack(entry);
+        },
+        (err: unknown) => {
+          if (this.entryWaiters.delete(waiter)) reject(err);
+        },
+      );
+    });
+  }
+
+  /** One timer for all waiting sends, due when the oldest would have waited acquireTimeout without progress. */
+  private watchForStall(): void {
+    if (this.stallTimer !== undefined) return;
+    const oldest = this.entryWaiters.values().next().value;
+    if (!oldest) return;
+    const timeout = this.settings.acquireTimeout;
+    const due = Math.max(oldest.since, this.lastHandout) + timeout;
+    this.stallTimer = setTimeout(
+      () => {
+        this.stallTimer = undefined;
+        const now = Date.now();
+        for (const waiter of this.entryWaiters) {
+          if (Math.max(waiter.since, this.lastHandout) + timeout > now) break;
+          this.entryWaiters.delete(waiter);
+          waiter.reject(
+            new BindingPoolError(
+              'EACQUIRE',
+              `no connection to ${this.domain} became free within ${timeout} ms (the pool handed none to any send in that time)`,
+            ),
+          );
+        }
+        this.watchForStall();
+      },
+      Math.max(0, due - Date.now()),
+    );
+  }
+
+  /** An entry handed to a send that had given up: a connection goes back to the pool, a failure is dropped. */
+  private giveBack(entry: PoolEntry): void {
+    const done = entry instanceof ConnectFailure || !entry.usable ? this.pool.destroy(entry) : this.pool.release(entry);
+    done.then(
+      () => this.armIdleTimer(),
+      () => this.armIdleTimer(),
+    );
   }
 
   /** Takes a connection back after a transaction; a retired or broken one is closed. */

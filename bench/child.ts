@@ -4,6 +4,8 @@
  * sends, closed before measuring), then runs the measured sends and prints one result line.
  */
 import nodemailer from 'nodemailer';
+import { join } from 'node:path';
+import { Worker } from 'node:worker_threads';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import type { MailMessage, SendMailOptions, Transport } from 'nodemailer';
 import { BindingPoolTransport, type BindingPoolOptions } from '../lib';
@@ -22,6 +24,7 @@ import {
   type RunSpec,
   type Send,
 } from './common';
+import { smtpConnectionLoop, type LoopOutcome } from './smtp-loop';
 
 const RAW = buildRawMessage();
 
@@ -37,6 +40,10 @@ proto.connect = function (this: unknown, ...args: unknown[]) {
 interface Candidate {
   /** Resolves to the number of recipients accepted. */
   send(i: number): Promise<number>;
+  /** Runs all n sends itself instead of send() under the harness's window. */
+  runAll?(n: number): Promise<LoopOutcome>;
+  /** Work done before the clock starts (starting a thread). */
+  prepare?(): Promise<void>;
   close(): Promise<void>;
   /** Connections by the candidate's own count, when it keeps one. */
   ownConnections?(): number;
@@ -166,62 +173,31 @@ function noopTransport(spec: RunSpec): Candidate {
 }
 
 /**
- * Ceiling: 5 connections, each sending its share of transactions back to back with the prebuilt
- * raw bytes (also for composed scenarios), one transaction per (message, domain). With a limit a
- * connection QUITs after that many deliveries and the worker opens a new one.
+ * Ceiling for any transport that composes with Nodemailer in the application's thread and sends
+ * from a second thread: the do-nothing transport's sendMail loop here while a worker thread runs
+ * the SMTPConnection loop over the same count, at the same time, with nothing crossing between
+ * them. Its rate is sends over the time until both are done.
  */
-function smtpConnectionLoop(spec: RunSpec): Candidate & { runAll(n: number): Promise<{ accepted: number; failed: number; firstError?: string }> } {
-  const open = async (): Promise<SMTPConnection> => {
-    const connection = new SMTPConnection({ host: spec.host, port: spec.port, secure: false, ignoreTLS: true, logger: false });
-    connection.on('error', () => {});
-    await new Promise<void>((resolve, reject) => connection.connect((err?: Error | null) => (err ? reject(err) : resolve())));
-    return connection;
-  };
-  const transact = (connection: SMTPConnection, to: string[]) =>
-    new Promise<number>((resolve, reject) => connection.send({ from: SENDER, to }, RAW, (err, info) => (err ? reject(err) : resolve(info!.accepted.length))));
-  const live = new Set<SMTPConnection>();
+function twoThreadCeiling(spec: RunSpec): Candidate {
+  const composing = noopTransport(spec);
+  let worker: Worker | undefined;
   return {
     send: () => Promise.reject(new Error('use runAll')),
+    async prepare() {
+      worker = new Worker(join(__dirname, 'ceiling-worker.js'), { workerData: { spec, n: spec.sends } });
+      await new Promise((resolve, reject) => worker!.once('message', resolve).once('error', reject));
+    },
     async runAll(n) {
-      const queue: string[][] = [];
-      for (let i = 0; i < n; i++) for (const group of byDomain(sendFor(spec.shape, i, spec.round).to).values()) queue.push(group);
-      let next = 0;
-      let accepted = 0;
-      let failed = 0;
-      let firstError: string | undefined;
-      const worker = async (): Promise<void> => {
-        let connection: SMTPConnection | undefined;
-        let delivered = 0;
-        while (next < queue.length) {
-          if (!connection) {
-            connection = await open();
-            live.add(connection);
-            delivered = 0;
-            // Other workers may have taken the rest of the queue while this one connected.
-            if (next >= queue.length) break;
-          }
-          const to = queue[next++];
-          try {
-            const n = await transact(connection, to);
-            accepted += n;
-            delivered += n;
-          } catch (err) {
-            failed++;
-            firstError ??= String(err);
-          }
-          if (spec.limit > 0 && delivered >= spec.limit) {
-            connection.quit();
-            live.delete(connection);
-            connection = undefined;
-          }
-        }
-      };
-      await Promise.all(Array.from({ length: CONNECTIONS }, worker));
-      return { accepted, failed, ...(firstError !== undefined && { firstError }) };
+      if (!worker) await this.prepare!();
+      const sending = new Promise<LoopOutcome>((resolve, reject) => worker!.once('message', resolve).once('error', reject));
+      worker!.postMessage('go');
+      const [composed, sent] = await Promise.all([pump(n, spec.window, (i) => composing.send(i)), sending]);
+      const failed = composed.failed + sent.failed;
+      const firstError = composed.firstError ?? sent.firstError;
+      return { accepted: Math.min(composed.accepted, sent.accepted), failed, ...(firstError !== undefined && { firstError }) };
     },
     async close() {
-      for (const connection of live) connection.quit();
-      live.clear();
+      await worker?.terminate();
     },
   };
 }
@@ -239,12 +215,14 @@ function makeCandidate(spec: RunSpec): Candidate {
     case 'noop-transport':
       return noopTransport(spec);
     case 'smtp-connection':
-      return smtpConnectionLoop(spec);
+      return { ...smtpConnectionLoop(spec), send: () => Promise.reject(new Error('use runAll')) };
+    case 'two-thread-ceiling':
+      return twoThreadCeiling(spec);
   }
 }
 
 async function runSends(spec: RunSpec, candidate: Candidate, n: number) {
-  if ('runAll' in candidate) return (candidate as ReturnType<typeof smtpConnectionLoop>).runAll(n);
+  if (candidate.runAll) return candidate.runAll(n);
   return pump(n, spec.window, (i) => candidate.send(i));
 }
 
@@ -262,6 +240,7 @@ async function main(): Promise<void> {
   gc?.();
 
   const candidate = makeCandidate(spec);
+  await candidate.prepare?.();
   connectCalls = 0;
   const cpu = process.cpuUsage();
   const started = process.hrtime.bigint();

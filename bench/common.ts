@@ -16,7 +16,9 @@ export type CandidateName =
   /** Ceiling: `SMTPConnection.send` in a loop on 5 connections with prebuilt bytes, no sendMail. */
   | 'smtp-connection'
   /** Ceiling: a do-nothing transport under `sendMail` that only reads the message stream. */
-  | 'noop-transport';
+  | 'noop-transport'
+  /** Ceiling of a two-thread transport: noop-transport here while a worker runs the smtp-connection loop, nothing crossing. */
+  | 'two-thread-ceiling';
 
 export const BASELINE: CandidateName = 'nodemailer-pool';
 
@@ -59,7 +61,7 @@ export const BINDING_ADDRESSES = ['127.0.0.2', '127.0.0.3'];
 /** Connections per pool (ours: maxOutboundConnections; Nodemailer: maxConnections; the SMTPConnection loop). */
 export const CONNECTIONS = 5;
 
-const SINGLE: CandidateName[] = ['binding-pool', 'binding-pool-thread', 'nodemailer-pool', 'smtp-connection', 'noop-transport'];
+const SINGLE: CandidateName[] = ['binding-pool', 'binding-pool-thread', 'nodemailer-pool', 'smtp-connection', 'noop-transport', 'two-thread-ceiling'];
 const MULTI: CandidateName[] = ['binding-pool', 'binding-pool-thread', 'nodemailer-pool', 'nodemailer-map', 'smtp-connection', 'noop-transport'];
 
 const ONE_DOMAIN: Scenario = {

@@ -7,7 +7,7 @@
  * recipient. It knows nothing of pools, domains or retries: the caller decides what a verdict
  * means for the work left.
  */
-import type { Readable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import { connectionLog } from './log';
@@ -216,7 +216,7 @@ export class CountingConnection {
     this.transactions++;
     // Counted before sending: a limit must hold even when the replies never come.
     this.recipients += rcpts.length;
-    const source = new MessageHandover(message);
+    const source = new MessageHandover(message, this.smtp._socket || undefined);
     // A fresh object per transaction: SMTPConnection records the RCPT replies on it.
     const state: EnvelopeState = { from: envelope.from, size: envelope.size, dsn: envelope.dsn, use8BitMime: envelope.use8BitMime, to: rcpts as string[] };
     return new Promise((resolve) => {
@@ -373,10 +373,28 @@ function replyCode(response: string | undefined): number | undefined {
 class MessageHandover {
   handedOver = false;
 
-  constructor(private readonly bytes: Buffer) {}
+  constructor(
+    private readonly bytes: Buffer,
+    private readonly socket: Writable | undefined,
+  ) {}
 
   pipe<T extends NodeJS.WritableStream>(destination: T): T {
     this.handedOver = true;
+    // SMTPConnection pipes the message (dot-stuffed) and then the final dot to the socket as two
+    // writes, two system calls. Corked until the message stream ends, they leave as one.
+    const socket = this.socket;
+    if (socket && !socket.destroyed && !socket.writableCorked) {
+      socket.cork();
+      let corked = true;
+      const uncork = (): void => {
+        if (!corked) return;
+        corked = false;
+        process.nextTick(() => socket.uncork());
+      };
+      destination.once('end', uncork);
+      destination.once('close', uncork);
+      destination.once('error', uncork);
+    }
     destination.write(this.bytes);
     destination.end();
     return destination;

@@ -4,7 +4,6 @@
  * engine (engine.ts). It turns the per-domain outcomes into Nodemailer's info (or error) shape.
  */
 import { EventEmitter } from 'node:events';
-import type { Readable } from 'node:stream';
 import type { MailMessage, SentMessageInfo, Transport } from 'nodemailer';
 import { ScopeResolver } from './config';
 import { emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery';
@@ -13,6 +12,7 @@ import { ThreadEngine } from './engine-thread';
 import { ConcurrencyLimit } from './concurrency';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
+import { rawBytes, rawMessageId, readMessage } from './message-bytes';
 import { SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
 import type { ConnectionSummary } from './pool-registry';
 import { assertNoInjection, groupByDomain } from './recipients';
@@ -137,11 +137,13 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
 
     let message: Buffer;
     try {
-      message = await this.reads.run(() => readMessage(mail.message.createReadStream()));
+      // Raw bytes that need no stream are taken at once; the rest is read a few at a time.
+      message = rawBytes(mail.message) ?? (await this.reads.run(() => readMessage(mail.message)));
     } catch (err) {
       throw new BindingPoolError('EMESSAGE', `the message could not be built: ${describeError(err)}; nothing was sent`, { cause: err });
     }
-    const messageId = mail.message.messageId();
+    // A raw message's own Message-ID; Nodemailer's (generated, or the composed message's header) otherwise.
+    const messageId = (mail.data.raw !== undefined ? rawMessageId(message) : undefined) ?? mail.message.messageId();
     if (transportLog.enabled) transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);
 
     const domains = await this.engine.deliver({
@@ -182,19 +184,4 @@ function summarize(domains: DomainResult[], envelope: { from: string | false; to
   const err = new BindingPoolError(code, `no recipient was accepted (${what}): ${info.response}`) as BindingPoolSendError;
   Object.assign(err, { accepted, rejected, pending, response: info.response, domains, envelope, messageId });
   throw err;
-}
-
-/** The composed message as one Buffer: read once, sent to every domain and on every retry. */
-function readMessage(stream: Readable): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let length = 0;
-    stream.on('data', (chunk: Buffer | string) => {
-      const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
-      chunks.push(bytes);
-      length += bytes.length;
-    });
-    stream.once('error', reject);
-    stream.once('end', () => resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, length)));
-  });
 }

@@ -16,6 +16,8 @@ export interface SeenTransaction {
   /** True when the server answered the final dot with 250. */
   delivered: boolean;
   subject?: string;
+  /** The message as the server received it (after SMTP dot-unstuffing). */
+  text?: string;
 }
 
 export interface SeenConnection {
@@ -162,6 +164,7 @@ export class RecordingServer {
         stream.on('end', () => {
           const text = Buffer.concat(chunks).toString();
           transaction.subject = /^Subject: (.*)$/m.exec(text)?.[1]?.trim();
+          transaction.text = text;
           this.dataCount++;
           if (behaviour.dropBeforeDataReplyOn === this.dataCount) {
             // The message is in, the reply never comes: the client cannot know the outcome.

@@ -6,9 +6,9 @@ import { parentPort, workerData } from 'node:worker_threads';
 import type { RunSpec } from './common';
 import { smtpConnectionLoop } from './smtp-loop';
 
-const { spec, n } = workerData as { spec: RunSpec; n: number };
+const { spec } = workerData as { spec: RunSpec };
 const port = parentPort!;
-port.once('message', () => {
+port.once('message', (n: number) => {
   const loop = smtpConnectionLoop(spec);
   loop.runAll(n).then(
     async (outcome) => {

@@ -184,13 +184,13 @@ function twoThreadCeiling(spec: RunSpec): Candidate {
   return {
     send: () => Promise.reject(new Error('use runAll')),
     async prepare() {
-      worker = new Worker(join(__dirname, 'ceiling-worker.js'), { workerData: { spec, n: spec.sends } });
+      worker = new Worker(join(__dirname, 'ceiling-worker.js'), { workerData: { spec } });
       await new Promise((resolve, reject) => worker!.once('message', resolve).once('error', reject));
     },
     async runAll(n) {
       if (!worker) await this.prepare!();
       const sending = new Promise<LoopOutcome>((resolve, reject) => worker!.once('message', resolve).once('error', reject));
-      worker!.postMessage('go');
+      worker!.postMessage(n);
       const [composed, sent] = await Promise.all([pump(n, spec.window, (i) => composing.send(i)), sending]);
       const failed = composed.failed + sent.failed;
       const firstError = composed.firstError ?? sent.firstError;

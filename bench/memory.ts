@@ -22,6 +22,8 @@ export interface MemorySpec {
 export interface Memory {
   rss: number;
   heapUsed: number;
+  /** Heap V8 holds from the OS (used or not): RSS that heapUsed does not explain. */
+  heapTotal: number;
   external: number;
   arrayBuffers: number;
 }
@@ -60,8 +62,8 @@ async function settle(): Promise<Memory> {
     gc();
     await sleep(50);
   }
-  const { rss, heapUsed, external, arrayBuffers } = process.memoryUsage();
-  return { rss, heapUsed, external, arrayBuffers };
+  const { rss, heapUsed, heapTotal, external, arrayBuffers } = process.memoryUsage();
+  return { rss, heapUsed, heapTotal, external, arrayBuffers };
 }
 
 async function sendToDomains(transport: BindingPoolTransport, prefix: string, count: number, window: number) {

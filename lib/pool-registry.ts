@@ -189,9 +189,11 @@ export class DestinationPool {
           this.lastHandout = Date.now();
           if (this.entryWaiters.delete(waiter)) resolve(entry);
           else this.giveBack(entry);
+          this.stopStallWatchIfNoneWait();
         },
         (err: unknown) => {
           if (this.entryWaiters.delete(waiter)) reject(err);
+          this.stopStallWatchIfNoneWait();
         },
       );
     });
@@ -222,6 +224,13 @@ export class DestinationPool {
       },
       Math.max(0, due - Date.now()),
     );
+  }
+
+  /** Without waiters the timer would only hold the pool (and the process) for acquireTimeout. */
+  private stopStallWatchIfNoneWait(): void {
+    if (this.entryWaiters.size > 0 || this.stallTimer === undefined) return;
+    clearTimeout(this.stallTimer);
+    this.stallTimer = undefined;
   }
 
   /** An entry handed to a send that had given up: a connection goes back to the pool, a failure is dropped. */

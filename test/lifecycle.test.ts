@@ -1,3 +1,4 @@
+import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { format } from 'node:util';
@@ -48,6 +49,33 @@ describe('idle pools', () => {
     await eventually(() => expect(server.connections[0].closed).toBe(true));
     await transporter.close();
     await server.stop();
+  });
+});
+
+describe('process exit', () => {
+  test('once its pools are dropped for idleness, a transport never closed keeps the process alive no longer', async () => {
+    const server = await RecordingServer.start();
+    // A program that sends once and forgets the transport. Nothing but the idle pool may hold
+    // it: not a timer armed for acquireTimeout (30 s here).
+    const program = `
+      const nodemailer = require('nodemailer');
+      const { BindingPoolTransport } = require(${JSON.stringify(join(__dirname, '..', 'dist', 'cjs', 'index.js'))});
+      const started = Date.now();
+      const transporter = nodemailer.createTransport(new BindingPoolTransport({ route: { host: '127.0.0.1', port: ${server.port} }, idleTimeout: 300, acquireTimeout: 30000 }));
+      transporter.sendMail({ envelope: { from: 'a@example.com', to: ['b@x.test'] }, raw: 'Subject: exit\\r\\n\\r\\nbye\\r\\n' }).then(
+        () => process.on('exit', () => console.log('exited after', Date.now() - started, 'ms')),
+        (err) => { console.error(err); process.exitCode = 1; },
+      );`;
+    const started = Date.now();
+    const output = await new Promise<string>((resolve, reject) =>
+      execFile(process.execPath, ['-e', program], { cwd: join(__dirname, '..'), timeout: 15_000 }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}: ${stderr}`)) : resolve(stdout))),
+    ).finally(() => server.stop());
+    const elapsed = Date.now() - started;
+
+    expect(output).toMatch(/exited after \d+ ms/);
+    expect(server.deliveredRecipients()).toEqual(['b@x.test']);
+    // The pool is dropped after idleTimeout and its connection QUITs; the process then ends.
+    expect(elapsed).toBeLessThan(10_000);
   });
 });
 

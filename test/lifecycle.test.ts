@@ -68,7 +68,9 @@ describe('process exit', () => {
       );`;
     const started = Date.now();
     const output = await new Promise<string>((resolve, reject) =>
-      execFile(process.execPath, ['-e', program], { cwd: join(__dirname, '..'), timeout: 15_000 }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}: ${stderr}`)) : resolve(stdout))),
+      execFile(process.execPath, ['-e', program], { cwd: join(__dirname, '..'), timeout: 15_000 }, (err, stdout, stderr) =>
+        err ? reject(new Error(`${err.message}: ${stderr}`)) : resolve(stdout),
+      ),
     ).finally(() => server.stop());
     const elapsed = Date.now() - started;
 

@@ -1,4 +1,6 @@
 import { ConcurrencyLimit } from '../lib/concurrency';
+import { closedAfterEach } from './support/harness';
+import { messages, routeTo } from './support/send';
 
 /** A task that runs until its release() is called. */
 function gated() {
@@ -50,5 +52,34 @@ describe('ConcurrencyLimit', () => {
     const order: number[] = [];
     await Promise.all(Array.from({ length: 3_000 }, (_, i) => limit.run(async () => void order.push(i))));
     expect(order).toEqual(Array.from({ length: 3_000 }, (_, i) => i));
+  });
+});
+
+describe('a batch of composed messages handed over at once', () => {
+  const { startServer, transport } = closedAfterEach();
+
+  test.each([false, true])('is read 16 at a time and delivered in full (deliveryThread: %s)', async (deliveryThread) => {
+    const server = await startServer();
+    const { transporter } = transport({ route: routeTo(server), deliveryThread });
+    // Count the message streams being read at once, as the transport reads them.
+    let reading = 0;
+    let mostAtOnce = 0;
+    transporter.use('stream', (mail, done) => {
+      const open = mail.message.createReadStream.bind(mail.message);
+      mail.message.createReadStream = () => {
+        const stream = open();
+        mostAtOnce = Math.max(mostAtOnce, ++reading);
+        stream.once('end', () => reading--);
+        return stream;
+      };
+      done();
+    });
+    const results = await Promise.allSettled(messages(120, 'x.test').map((m) => transporter.sendMail(m)));
+    await transporter.close();
+    await server.stop();
+
+    expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
+    expect(mostAtOnce).toBe(16);
+    expect(server.deliveredRecipients()).toHaveLength(120);
   });
 });

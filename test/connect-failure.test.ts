@@ -260,23 +260,26 @@ describe('a busy pool', () => {
 });
 
 describe('a long queue', () => {
-  test('acquireTimeout does not cut short a queue that keeps moving: 200 sends over 2 connections, all delivered', async () => {
-    // 100 transactions per connection at 8 ms or more each: the batch takes at least 800 ms.
-    const server = await startServer({ dataReplyDelay: 8 });
-    const { transporter } = transport({ route: routeTo(server), maxOutboundConnections: 2, acquireTimeout: 300 });
-    const started = Date.now();
-    const results = await Promise.allSettled(messages(200, 'x.test').map((m) => transporter.sendMail(m)));
-    const elapsed = Date.now() - started;
-    await transporter.close();
-    await server.stop();
+  test.each([false, true])(
+    'acquireTimeout does not cut short a queue that keeps moving: 200 sends over 2 connections, all delivered (deliveryThread: %s)',
+    async (deliveryThread) => {
+      // 100 transactions per connection at 8 ms or more each: the batch takes at least 800 ms.
+      const server = await startServer({ dataReplyDelay: 8 });
+      const { transporter } = transport({ route: routeTo(server), maxOutboundConnections: 2, acquireTimeout: 300, deliveryThread });
+      const started = Date.now();
+      const results = await Promise.allSettled(messages(200, 'x.test').map((m) => transporter.sendMail(m)));
+      const elapsed = Date.now() - started;
+      await transporter.close();
+      await server.stop();
 
-    // The last sends waited well over acquireTimeout, while the pool handed out a connection every few ms.
-    expect(elapsed).toBeGreaterThan(2 * 300);
-    expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
-    expect(server.deliveredRecipients()).toHaveLength(200);
-    expect(new Set(server.deliveredRecipients()).size).toBe(200);
-    expect(server.connections.length).toBeLessThanOrEqual(2);
-  });
+      // The last sends waited well over acquireTimeout, while the pool handed out a connection every few ms.
+      expect(elapsed).toBeGreaterThan(2 * 300);
+      expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
+      expect(server.deliveredRecipients()).toHaveLength(200);
+      expect(new Set(server.deliveredRecipients()).size).toBe(200);
+      expect(server.connections.length).toBeLessThanOrEqual(2);
+    },
+  );
 });
 
 describe('routing', () => {

@@ -6,7 +6,11 @@ import type { EngineStats, MessageJob } from './engine';
 export const STATS_INTERVAL_MS = 100;
 
 /** What crosses to the worker. */
-export type ToWorker = { type: 'jobs'; jobs: { id: number; job: MessageJob }[] } | { type: 'verify'; id: number } | { type: 'close'; id: number };
+export type ToWorker =
+  /** Each job's message is `bytes` from `offset`, `length` long. */
+  | { type: 'jobs'; jobs: { id: number; job: Omit<MessageJob, 'message'>; offset: number; length: number }[]; bytes: Uint8Array }
+  | { type: 'verify'; id: number }
+  | { type: 'close'; id: number };
 
 /** What comes back. */
 export type FromWorker =

@@ -38,7 +38,7 @@ export class ThreadEngine extends EventEmitter implements Engine {
   private readonly waiting = new Map<number, Waiter>();
   private nextId = 1;
   private outbox: { id: number; job: MessageJob }[] = [];
-  private transfer: ArrayBuffer[] = [];
+  private outboxBytes = 0;
   private flushScheduled = false;
   private lastStats: EngineStats = EMPTY_STATS;
 
@@ -61,12 +61,8 @@ export class ThreadEngine extends EventEmitter implements Engine {
 
   deliver(job: MessageJob): Promise<DomainResult[]> {
     const id = this.nextId++;
-    // A copy that owns its memory can be transferred, not cloned (a Buffer is often a view into a
-    // larger shared slab, which would be copied whole).
-    const bytes = new Uint8Array(job.message.length);
-    bytes.set(job.message);
-    this.outbox.push({ id, job: { ...job, message: bytes as Buffer } });
-    this.transfer.push(bytes.buffer);
+    this.outbox.push({ id, job });
+    this.outboxBytes += job.message.length;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       setImmediate(() => this.flush());
@@ -103,11 +99,21 @@ export class ThreadEngine extends EventEmitter implements Engine {
   private flush(): void {
     this.flushScheduled = false;
     if (this.outbox.length === 0) return;
-    const jobs = this.outbox;
-    const transfer = this.transfer;
+    // The batch's messages are copied into one buffer that is transferred, not cloned: one
+    // allocation and one transfer per batch instead of per message (and a Buffer is often a
+    // view into a larger shared slab, which cloning would copy whole).
+    const bytes = new Uint8Array(this.outboxBytes);
+    let offset = 0;
+    const jobs = this.outbox.map(({ id, job }) => {
+      const { message, ...rest } = job;
+      bytes.set(message, offset);
+      const crossing = { id, job: rest, offset, length: message.length };
+      offset += message.length;
+      return crossing;
+    });
     this.outbox = [];
-    this.transfer = [];
-    this.ensureWorker().postMessage({ type: 'jobs', jobs } satisfies ToWorker, transfer);
+    this.outboxBytes = 0;
+    this.ensureWorker().postMessage({ type: 'jobs', jobs, bytes } satisfies ToWorker, [bytes.buffer]);
   }
 
   private post(message: ToWorker): void {

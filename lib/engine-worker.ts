@@ -48,9 +48,9 @@ function failure(err: unknown): Result['error'] {
 port.on('message', (message: ToWorker) => {
   switch (message.type) {
     case 'jobs':
-      for (const { id, job } of message.jobs) {
-        const bytes = job.message as unknown as Uint8Array;
-        engine.deliver({ ...job, message: Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length) }).then(
+      for (const { id, job, offset, length } of message.jobs) {
+        const { bytes } = message;
+        engine.deliver({ ...job, message: Buffer.from(bytes.buffer, bytes.byteOffset + offset, length) }).then(
           (domains: DomainResult[]) => settle({ id, domains }),
           (err) => settle({ id, error: failure(err) }),
         );

@@ -55,14 +55,17 @@ export function rawMessageId(bytes: Buffer): string | undefined {
   return id ? id : undefined;
 }
 
-/** Where the header section ends: the first empty line, or the end of the message. */
+/** Headers are looked for this far into a message at most, so a large body is never scanned. */
+const MAX_HEADER_BYTES = 256 * 1024;
+
+/** Where the header section ends: the first empty line (CRLF or bare LF), or the scan limit. */
 function headerEnd(bytes: Buffer): number {
-  let end = bytes.length;
-  for (const blankLine of ['\r\n\r\n', '\n\n']) {
-    const at = bytes.indexOf(blankLine);
-    if (at >= 0 && at < end) end = at;
-  }
-  return end;
+  let head = bytes.subarray(0, MAX_HEADER_BYTES);
+  const crlf = head.indexOf('\r\n\r\n');
+  // A bare-LF blank line can only come first if it lies before the CRLF one: search only there.
+  if (crlf >= 0) head = head.subarray(0, crlf);
+  const lf = head.indexOf('\n\n');
+  return lf >= 0 ? lf : head.length;
 }
 
 /** What Nodemailer's LastNewline transform does: a message ends with a line break. */

@@ -235,16 +235,16 @@ export class DestinationPool {
 
   /** An entry handed to a send that had given up: a connection goes back to the pool, a failure is dropped. */
   private giveBack(entry: PoolEntry): void {
-    const done = entry instanceof ConnectFailure || !entry.usable ? this.pool.destroy(entry) : this.pool.release(entry);
-    done.then(
-      () => this.armIdleTimer(),
-      () => this.armIdleTimer(),
-    );
+    if (entry instanceof ConnectFailure) this.afterReturn(this.pool.destroy(entry));
+    else this.release(entry);
   }
 
   /** Takes a connection back after a transaction; a retired or broken one is closed. */
   release(connection: CountingConnection): void {
-    const done = connection.usable ? this.pool.release(connection) : this.pool.destroy(connection);
+    this.afterReturn(connection.usable ? this.pool.release(connection) : this.pool.destroy(connection));
+  }
+
+  private afterReturn(done: Promise<void>): void {
     done.then(
       () => this.armIdleTimer(),
       () => this.armIdleTimer(),

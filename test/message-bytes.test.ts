@@ -8,7 +8,7 @@ import { Readable, Transform } from 'node:stream';
 import fc from 'fast-check';
 import nodemailer from 'nodemailer';
 import type { MailMessage, SendMailOptions, Transport, Transporter } from 'nodemailer';
-import { rawBytes, readMessage } from '../lib/message-bytes';
+import { rawBytes, rawMessageId, readMessage } from '../lib/message-bytes';
 import { closedAfterEach } from './support/harness';
 import { routeTo } from './support/send';
 
@@ -133,6 +133,14 @@ describe('through the transport, checked on the server', () => {
 
 describe('info.messageId of a raw message', () => {
   const { startServer, transport } = closedAfterEach();
+
+  test('comes from the header section only, wherever its blank line is, and within the first 256 KiB', () => {
+    const id = (text: string) => rawMessageId(Buffer.from(text));
+    expect(id('Subject: a\nMessage-ID: <lf@example.com>\n\nbody\r\n\r\nMessage-ID: <body@example.com>\r\n')).toBe('<lf@example.com>');
+    expect(id('Subject: a\r\n\r\nbody\n\nMessage-ID: <body@example.com>\n')).toBeUndefined();
+    expect(id('Subject: a\r\nMessage-ID: <only-headers@example.com>')).toBe('<only-headers@example.com>');
+    expect(id(`X-Long: ${'x'.repeat(300 * 1024)}\r\nMessage-ID: <too-far@example.com>\r\n\r\nbody`)).toBeUndefined();
+  });
 
   test("is the message's own Message-ID header (folded or not); without one, Nodemailer's generated id", async () => {
     const server = await startServer();

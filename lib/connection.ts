@@ -4,14 +4,19 @@
  * It counts successful deliveries (recipients accepted at RCPT in a transaction whose DATA was
  * accepted; with LMTP, recipients whose own DATA reply was 2xx) and attempted RCPT TO commands,
  * hands out no more room than the limits leave, and turns every transaction into one verdict per
- * recipient. It knows nothing of pools, domains or retries: the caller decides what a verdict
+ * recipient (the rule itself is verdicts.ts). It knows nothing of pools, domains or retries: the caller decides what a verdict
  * means for the work left.
  */
-import type { Readable, Writable } from 'node:stream';
+import type { Socket } from 'node:net';
+import type { Readable } from 'node:stream';
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import { connectionLog } from './log';
 import type { RouteAuth } from './options';
+import { offers, peerOpen, rcptsSent, recordLmtpReplies, serverSizeLimit, socketOf, type EnvelopeRecord, type LmtpReply } from './smtp-internals';
+import { decideVerdicts, type MessageProgress, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
+
+export type { RecipientReply, RecipientVerdict } from './verdicts';
 
 /** Where and how to connect, already resolved for one (binding, domain). */
 export interface ConnectionTarget {
@@ -58,51 +63,25 @@ export type RetireReason =
   /** The transport closed. */
   | 'shutdown';
 
-/**
- * What happened to one recipient in one transaction:
- * - delivered: accepted at RCPT and the server accepted the DATA;
- * - rejected: a 5xx for it (at RCPT, or for the whole transaction);
- * - deferred: a 4xx for it; the server's verdict, not a broken connection;
- * - retry: the connection broke (or the server sent 421) before the server took the message:
- *   safe to send again on another connection;
- * - unknown: the whole message was sent but the connection broke before the final reply; the
- *   server may have it, so it must not be sent again.
- */
-export type RecipientVerdict = 'delivered' | 'rejected' | 'deferred' | 'retry' | 'unknown';
-
-export interface RecipientReply {
-  rcpt: string;
-  verdict: RecipientVerdict;
-  /** The server's reply, or the error that ended the transaction. */
-  response: string;
-  responseCode?: number;
-}
-
 export interface TransactionEnvelope {
   /** Envelope sender; '' for the null sender. */
   from: string;
   size?: number;
   dsn?: SMTPConnection.DSNOptions;
+  /** BODY=8BITMIME when the server offers it (as the application's envelope asks). */
   use8BitMime?: boolean;
+  /** RFC 8689 REQUIRETLS (Nodemailer's `requireTLSExtensionEnabled`). */
+  requireTLSExtensionEnabled?: boolean;
 }
 
 /** The error fields SMTPConnection sets, read defensively. */
 interface SmtpError extends Error {
   code?: string;
+  /** The system error code (ECONNRESET…) when SMTPConnection replaced it with its own. */
+  originalCode?: string;
   command?: string;
   response?: string;
   responseCode?: number;
-  recipient?: string;
-}
-
-/**
- * SMTPConnection records each recipient's RCPT reply on the envelope object it is given; its
- * error callback does not carry them (except when every recipient was rejected), so they are
- * read from that object.
- */
-interface EnvelopeState extends SMTPConnection.Envelope {
-  accepted?: string[];
-  rejectedErrors?: SmtpError[];
 }
 
 let nextConnectionId = 1;
@@ -121,6 +100,8 @@ export class CountingConnection {
   private readonly smtp: SMTPConnection;
   private ended = false;
   private readonly endWaiters: (() => void)[] = [];
+  /** Where the LMTP replies of the transaction in flight are recorded. */
+  private readonly lmtpSink: (sink: LmtpReply[] | undefined) => void;
 
   private constructor(label: string, target: ConnectionTarget, limits: ConnectionLimits) {
     this.id = `${label}#${nextConnectionId++}`;
@@ -143,6 +124,7 @@ export class CountingConnection {
       socketTimeout: target.socketTimeout,
       logger: false,
     });
+    this.lmtpSink = recordLmtpReplies(this.smtp);
     // SMTPConnection emits 'error' and also hands the error to the callback in flight; the
     // callback is where it is handled, the event only must not crash the process.
     this.smtp.on('error', (err: Error) => connectionLog('%s error: %s', this.id, err.message));
@@ -191,9 +173,9 @@ export class CountingConnection {
     return this.smtp.secure;
   }
 
-  /** False once the socket is gone or the connection was retired. */
+  /** False once the connection was retired, or the peer closed or half-closed it. */
   get usable(): boolean {
-    return !this.ended && this.retireReason === undefined;
+    return !this.ended && this.retireReason === undefined && peerOpen(this.smtp);
   }
 
   /** How many recipients the next transaction may carry without passing a limit. */
@@ -207,35 +189,65 @@ export class CountingConnection {
 
   /**
    * Runs one transaction (MAIL, RCPT…, DATA) and resolves with a verdict per recipient; never
-   * rejects. Retires the connection when it reached a limit or broke.
+   * rejects. Recipients the server cannot take (SIZE, SMTPUTF8) are refused here, before MAIL
+   * FROM. Retires the connection when it reached a limit or broke.
    */
-  send(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
+  async send(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
     if (rcpts.length === 0 || rcpts.length > this.capacity()) {
       throw new RangeError(`${this.id}: ${rcpts.length} recipients offered, room for ${this.capacity()}`);
     }
+    const { refused, sendable } = refuseLocally(this.smtp, envelope, rcpts, message.length);
+    if (sendable.length === 0) return refused;
+    const replies = await this.transaction(envelope, sendable, message);
+    if (refused.length === 0) return replies;
+    const byRcpt = new Map([...refused, ...replies].map((reply) => [reply.rcpt, reply]));
+    return rcpts.map((rcpt) => byRcpt.get(rcpt)!);
+  }
+
+  private async transaction(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
     this.transactions++;
-    // Counted before sending: a limit must hold even when the replies never come.
+    // Counted before sending, so a limit holds even when the replies never come; corrected below
+    // for RCPTs that never went out (a refused MAIL FROM without PIPELINING).
     this.recipients += rcpts.length;
-    const source = new MessageHandover(message, this.smtp._socket || undefined);
+    const handover = new MessageHandover(message, socketOf(this.smtp));
     // A fresh object per transaction: SMTPConnection records the RCPT replies on it.
-    const state: EnvelopeState = { from: envelope.from, size: envelope.size, dsn: envelope.dsn, use8BitMime: envelope.use8BitMime, to: rcpts as string[] };
-    return new Promise((resolve) => {
-      this.smtp.send(state, source as unknown as Readable, (err, info) => {
-        const replies = err ? this.failedTransaction(rcpts, state, err as SmtpError, source.handedOver) : this.completedTransaction(rcpts, info);
-        let delivered = 0;
-        for (const reply of replies) if (reply.verdict === 'delivered') delivered++;
-        this.deliveries += delivered;
-        if (connectionLog.enabled)
-          connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
-        this.retireIfSpent();
-        if (err && !this.ended && this.usable) {
-          // The transaction failed but the session is alive: RSET before it carries another.
-          this.resetSession().then(() => resolve(replies));
-          return;
-        }
-        resolve(replies);
-      });
+    const state: SMTPConnection.Envelope & EnvelopeRecord = { ...envelope, to: rcpts as string[] };
+    const lmtpReplies: LmtpReply[] = [];
+    this.lmtpSink(lmtpReplies);
+    const { err, info } = await new Promise<{ err: SmtpError | null; info?: SMTPConnection.SentMessageInfo }>((resolve) =>
+      this.smtp.send(state, handover as unknown as Readable, (err, info) => resolve({ err: err as SmtpError | null, info })),
+    );
+    this.lmtpSink(undefined);
+    this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
+    const failure = err ? failureOf(err) : undefined;
+    const replies = decideVerdicts({
+      rcpts,
+      lmtp: this.target.lmtp,
+      rcptAccepted: [...(state.accepted ?? []), ...lmtpReplies.map((r) => r.rcpt)],
+      rcptRefused: rcptRefusals(state),
+      lmtpReplies: new Map(lmtpReplies.map(({ rcpt, response }) => [rcpt, { code: replyCode(response) ?? 0, response }])),
+      finalReply: info ? { code: replyCode(info.response) ?? 250, response: info.response } : undefined,
+      failure,
+      // Only a failure asks how far the message got (it waits for the socket to say).
+      message: failure ? await handover.progress() : 'sent',
     });
+    let delivered = 0;
+    for (const reply of replies) if (reply.verdict === 'delivered') delivered++;
+    this.deliveries += delivered;
+    if (connectionLog.enabled)
+      connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
+    if (failure) this.retireAfter(failure);
+    this.retireIfSpent();
+    // The transaction failed but the session is alive: RSET before it carries another.
+    if (err && this.usable) await this.resetSession();
+    return replies;
+  }
+
+  /** A 421 is the server closing the connection; a broken one is done too. */
+  private retireAfter(failure: TransactionFailure): void {
+    const reply = failure.kind === 'refused' ? undefined : failure.reply;
+    if (reply?.code === 421) this.retire('serverClosed');
+    else if (failure.kind === 'broken' || this.ended || !peerOpen(this.smtp)) this.retire('error');
   }
 
   /**
@@ -301,50 +313,6 @@ export class CountingConnection {
     if (maxDeliveries > 0 && this.deliveries >= maxDeliveries) this.retire('maxDeliveries');
     else if (maxRecipients > 0 && this.recipients >= maxRecipients) this.retire('maxRecipients');
   }
-
-  private completedTransaction(rcpts: readonly string[], info: SMTPConnection.SentMessageInfo): RecipientReply[] {
-    const responseCode = replyCode(info.response);
-    const rejectedErrors = (info.rejectedErrors ?? []) as SmtpError[];
-    if (rejectedErrors.length === 0) return rcpts.map((rcpt) => ({ rcpt, verdict: 'delivered', response: info.response, responseCode }));
-    const failures = new Map<string, SmtpError>();
-    for (const err of rejectedErrors) if (err.recipient) failures.set(err.recipient, err);
-    return rcpts.map((rcpt) => {
-      const failure = failures.get(rcpt);
-      return failure ? verdictFromReply(rcpt, failure) : { rcpt, verdict: 'delivered', response: info.response, responseCode };
-    });
-  }
-
-  private failedTransaction(rcpts: readonly string[], envelope: EnvelopeState, err: SmtpError, messageSent: boolean): RecipientReply[] {
-    const rcptFailures = new Map<string, SmtpError>();
-    for (const failure of envelope.rejectedErrors ?? []) if (failure.recipient) rcptFailures.set(failure.recipient, failure);
-    const acceptedAtRcpt = new Set(envelope.accepted ?? []);
-    // The server gave a verdict on the whole transaction (sender refused, DATA refused, message
-    // refused after the dot), other than 421 which only says the connection is going away.
-    const transactionVerdict = err.responseCode !== undefined && err.responseCode !== 421 && err.command !== 'CONN';
-    // Refused before a byte went out (SIZE over the server's limit, a bad address).
-    const refusedLocally = err.responseCode === undefined && (err.command === 'API' || err.command === 'MAIL FROM');
-    // The server refused MAIL FROM: with PIPELINING the replies to the RCPTs sent along with it
-    // (503 "need MAIL command") say nothing about the recipients; the MAIL FROM reply decides.
-    const senderRefused = err.command === 'MAIL FROM' && err.responseCode !== undefined;
-    if (err.responseCode === 421) this.retire('serverClosed');
-    else if (this.ended || err.command === 'CONN') this.retire('error');
-
-    return rcpts.map((rcpt): RecipientReply => {
-      const rcptFailure = senderRefused ? undefined : rcptFailures.get(rcpt);
-      if (rcptFailure && rcptFailure.responseCode !== 421) return verdictFromReply(rcpt, rcptFailure);
-      if (transactionVerdict) return verdictFromReply(rcpt, err);
-      if (refusedLocally) return { rcpt, verdict: 'rejected', response: err.message };
-      // A reply to the final dot, 421 included, is the server's verdict: only no reply is unknown.
-      if (messageSent && acceptedAtRcpt.has(rcpt) && err.responseCode === undefined) {
-        return {
-          rcpt,
-          verdict: 'unknown',
-          response: `outcome unknown: the message was sent but the connection ended before the server's reply (${err.message})`,
-        };
-      }
-      return { rcpt, verdict: 'retry', response: err.message, responseCode: err.responseCode };
-    });
-  }
 }
 
 /** `mx1.example.org[192.0.2.1]:25`, or `relay.example.net:587` for a host given by name. */
@@ -352,11 +320,63 @@ export function describeTarget(target: Pick<ConnectionTarget, 'host' | 'serverna
   return target.servername ? `${target.servername}[${target.host}]:${target.port}` : `${target.host}:${target.port}`;
 }
 
-function verdictFromReply(rcpt: string, err: SmtpError): RecipientReply {
-  const code = err.responseCode;
-  const response = err.response ?? err.message;
-  if (code === 421) return { rcpt, verdict: 'retry', response, responseCode: code };
-  return { rcpt, verdict: code !== undefined && code >= 500 ? 'rejected' : 'deferred', response, responseCode: code };
+/**
+ * Recipients the server cannot take, refused before MAIL FROM with a local reply: every one when
+ * the message exceeds the server's SIZE (RFC 1870) or the sender needs SMTPUTF8 the server does
+ * not offer; otherwise those whose local part needs SMTPUTF8 (RFC 6531 3.2), while the rest go.
+ */
+function refuseLocally(
+  smtp: SMTPConnection,
+  envelope: TransactionEnvelope,
+  rcpts: readonly string[],
+  size: number,
+): { refused: RecipientReply[]; sendable: readonly string[] } {
+  const limit = serverSizeLimit(smtp);
+  if (limit > 0 && size > limit) {
+    const response = `552 5.3.4 message of ${size} bytes is larger than the server's limit of ${limit} bytes (SIZE); not sent`;
+    return { refused: rcpts.map((rcpt) => ({ rcpt, verdict: 'rejected', response, responseCode: 552 })), sendable: [] };
+  }
+  if (offers(smtp, 'SMTPUTF8')) return { refused: [], sendable: rcpts };
+  const why = '(RFC 6531: the server does not offer SMTPUTF8); not sent';
+  if (NON_ASCII.test(envelope.from)) {
+    const response = `553 5.6.7 sender ${envelope.from} has a non-ASCII address ${why}`;
+    return { refused: rcpts.map((rcpt) => ({ rcpt, verdict: 'rejected', response, responseCode: 553 })), sendable: [] };
+  }
+  if (!rcpts.some((rcpt) => NON_ASCII.test(rcpt))) return { refused: [], sendable: rcpts };
+  const refused: RecipientReply[] = [];
+  const sendable: string[] = [];
+  for (const rcpt of rcpts) {
+    if (NON_ASCII.test(rcpt))
+      refused.push({ rcpt, verdict: 'rejected', response: `553 5.6.7 recipient ${rcpt} has a non-ASCII local part ${why}`, responseCode: 553 });
+    else sendable.push(rcpt);
+  }
+  return { refused, sendable };
+}
+
+const NON_ASCII = /[^\x00-\x7f]/;
+
+/** Nodemailer's error as the facts the verdict rule reads. */
+function failureOf(err: SmtpError): TransactionFailure {
+  const reply = err.responseCode !== undefined ? { code: err.responseCode, response: err.response ?? err.message } : undefined;
+  if (reply && err.command !== 'CONN') {
+    const command = err.code === 'EMESSAGE' ? 'MESSAGE' : err.command === 'MAIL FROM' || err.command === 'RCPT TO' ? err.command : 'DATA';
+    return { kind: 'reply', command, reply };
+  }
+  // Refused by SMTPConnection before anything went out, for reasons that hold on any connection.
+  if (err.code === 'EREQUIRETLS') return { kind: 'refused', code: 550, response: `550 5.7.30 REQUIRETLS: ${err.message}; not sent` };
+  if (err.code === 'EENVELOPE' && err.command === 'API') return { kind: 'refused', code: 553, response: `553 5.1.3 ${err.message}; not sent` };
+  // Anything else (a socket that is gone, a timeout, a closed connection) is the connection's fault.
+  return { kind: 'broken', message: err.message, reply, peerReset: err.originalCode === 'ECONNRESET' };
+}
+
+/** RCPT TO refusals recorded on the envelope (LMTP's per-recipient DATA replies are recorded apart). */
+function rcptRefusals(state: EnvelopeRecord): Map<string, ServerReply> {
+  const refusals = new Map<string, ServerReply>();
+  for (const failure of state.rejectedErrors ?? []) {
+    if (failure.recipient === undefined || failure.responseCode === undefined || (failure as SmtpError).command !== 'RCPT TO') continue;
+    refusals.set(failure.recipient, { code: failure.responseCode, response: failure.response ?? failure.message });
+  }
+  return refusals;
 }
 
 function replyCode(response: string | undefined): number | undefined {
@@ -364,40 +384,57 @@ function replyCode(response: string | undefined): number | undefined {
   return match ? Number(match[0]) : undefined;
 }
 
+/** Chunks the message is written in, so that a large one is never copied whole by the dot-stuffing stream. */
+const WRITE_CHUNK = 64 * 1024;
+
+/** How long a failed transaction waits for the socket to say whether the final dot left. */
+const FLUSH_VERDICT_MS = 1_000;
+
 /**
  * The message for one transaction, in the shape SMTPConnection reads a stream: it pipes it only
- * after the server answered DATA with 354, and then writes it whole, so `handedOver` tells
- * whether the message (and so possibly the final dot) went out. Much cheaper than a Readable
- * per transaction.
+ * after the server answered DATA with 354. The bytes go out in chunks as the socket takes them
+ * (back-pressure end to end), and `progress()` tells how far they got: a write queued behind the
+ * final dot completes only once the dot has left the process.
  */
 class MessageHandover {
-  handedOver = false;
+  private started = false;
+  private dotFlushed: Promise<boolean> | undefined;
 
   constructor(
     private readonly bytes: Buffer,
-    private readonly socket: Writable | undefined,
+    private readonly socket: Socket | undefined,
   ) {}
 
   pipe<T extends NodeJS.WritableStream>(destination: T): T {
-    this.handedOver = true;
-    // SMTPConnection pipes the message (dot-stuffed) and then the final dot to the socket as two
-    // writes, two system calls. Corked until the message stream ends, they leave as one.
+    this.started = true;
     const socket = this.socket;
-    if (socket && !socket.destroyed && !socket.writableCorked) {
+    // A small message and its final dot leave in one write: corked for this turn only, so a full
+    // socket buffer can never hold the rest of the message back.
+    if (socket && !socket.writableCorked && this.bytes.length < socket.writableHighWaterMark) {
       socket.cork();
-      let corked = true;
-      const uncork = (): void => {
-        if (!corked) return;
-        corked = false;
-        process.nextTick(() => socket.uncork());
-      };
-      destination.once('end', uncork);
-      destination.once('close', uncork);
-      destination.once('error', uncork);
+      setImmediate(() => socket.uncork());
     }
-    destination.write(this.bytes);
-    destination.end();
+    // 'end' comes once the stream handed its last bytes, the final dot, to the socket.
+    destination.once('end', () => {
+      this.dotFlushed = new Promise((resolve) => {
+        if (!socket || socket.destroyed) resolve(false);
+        else socket.write(EMPTY, (err) => resolve(!err));
+      });
+    });
+    writeInChunks(destination, this.bytes);
     return destination;
+  }
+
+  /** How far the message got; asked once the transaction ended without a reply to the dot. */
+  async progress(): Promise<MessageProgress> {
+    if (!this.started) return 'none';
+    if (!this.dotFlushed) return 'partial';
+    // A socket that says nothing in time: the dot may have left, so the cautious answer.
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), FLUSH_VERDICT_MS)));
+    const flushed = await Promise.race([this.dotFlushed, timeout]);
+    clearTimeout(timer);
+    return flushed ? 'sent' : 'partial';
   }
 
   // SMTPConnection listens for a stream error and destroys the stream on teardown: nothing to do here.
@@ -410,4 +447,24 @@ class MessageHandover {
   }
 
   destroy(): void {}
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** Writes bytes in chunks, each after the destination took the last, then ends it. */
+function writeInChunks(destination: NodeJS.WritableStream, bytes: Buffer): void {
+  let offset = 0;
+  const next = (): void => {
+    while (offset < bytes.length) {
+      const end = Math.min(offset + WRITE_CHUNK, bytes.length);
+      const more = destination.write(bytes.subarray(offset, end));
+      offset = end;
+      if (!more) {
+        destination.once('drain', next);
+        return;
+      }
+    }
+    destination.end();
+  };
+  next();
 }

@@ -353,7 +353,7 @@ function refuseLocally(
   return { refused, sendable };
 }
 
-const NON_ASCII = /[^\x00-\x7f]/;
+const NON_ASCII = /[\u0080-\uffff]/;
 
 /** Nodemailer's error as the facts the verdict rule reads. */
 function failureOf(err: SmtpError): TransactionFailure {

@@ -4,10 +4,10 @@
  * the end, holding every one in memory and leaving the connections idle until then. Read a few
  * at a time, each message is handed to a connection as soon as it is built.
  */
+import { Fifo } from './fifo';
 export class ConcurrencyLimit {
   private running = 0;
-  private readonly waiting: (() => void)[] = [];
-  private head = 0;
+  private readonly waiting = new Fifo<() => void>();
 
   constructor(readonly limit: number) {}
 
@@ -24,21 +24,13 @@ export class ConcurrencyLimit {
 
   /** Tasks waiting for a turn. */
   get queued(): number {
-    return this.waiting.length - this.head;
+    return this.waiting.size;
   }
 
   private release(): void {
-    if (this.head < this.waiting.length) {
-      // The slot passes straight to the next task: `running` stays the same.
-      const next = this.waiting[this.head];
-      this.waiting[this.head++] = noop;
-      if (this.head > 1024 && this.head * 2 > this.waiting.length) {
-        this.waiting.splice(0, this.head);
-        this.head = 0;
-      }
-      next();
-    } else this.running--;
+    // The slot passes straight to the next task: `running` stays the same.
+    const next = this.waiting.shift();
+    if (next) next();
+    else this.running--;
   }
 }
-
-function noop(): void {}

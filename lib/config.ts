@@ -40,6 +40,8 @@ export interface ConfiguredRoute {
   readonly route: RouteOptions;
   /** A binding the route applies to, to connect from. */
   readonly binding: string;
+  /** The domain whose stanza set it; undefined for a binding's, group's or the global route. */
+  readonly domain: string | undefined;
 }
 
 export class ScopeResolver {
@@ -127,8 +129,8 @@ export class ScopeResolver {
     return this.bindings.get(members[chosen])!;
   }
 
-  /** The value of every scoped option for a (binding, domain) pair. */
-  resolve(binding: Binding, domain: string): ResolvedOptions {
+  /** The value of every scoped option for a (binding, domain) pair; without a domain, no domain stanza applies. */
+  resolve(binding: Binding, domain: string | undefined): ResolvedOptions {
     const chain = this.chain(binding, domain);
     const resolved: Record<string, unknown> = {};
     for (const name of SCOPED_OPTION_NAMES) {
@@ -138,14 +140,22 @@ export class ScopeResolver {
     return resolved as ResolvedOptions;
   }
 
+  /** How many connections a message's sender may open to a domain: a binding's pool, or its group's pools together. */
+  connectionsTo(sender: SenderName, domain: string): number {
+    const members = 'binding' in sender ? [sender.binding] : this.options.bindingGroups[sender.group].bindings;
+    let sum = 0;
+    for (const member of members) sum += this.resolve(this.bindings.get(member)!, domain).maxOutboundConnections;
+    return sum;
+  }
+
   /** Every route the options set, where it was set, and a binding to try it from. */
   configuredRoutes(): ConfiguredRoute[] {
     const found: ConfiguredRoute[] = [];
-    const add = (scope: ScopedOptions | undefined, path: string, binding: string): void => {
-      if (scope?.route) found.push({ path: childPath(path, 'route'), route: scope.route, binding });
+    const add = (scope: ScopedOptions | undefined, path: string, binding: string, domain?: string): void => {
+      if (scope?.route) found.push({ path: childPath(path, 'route'), route: scope.route, binding, domain });
     };
     const stanzas = (domains: Record<string, ScopedOptions> | undefined, path: string, binding: string): void => {
-      for (const [domain, stanza] of Object.entries(domains ?? {})) add(stanza, childPath(childPath(path, 'domains'), domain), binding);
+      for (const [domain, stanza] of Object.entries(domains ?? {})) add(stanza, childPath(childPath(path, 'domains'), domain), binding, domain);
     };
     const { options } = this;
     const fallback = this.choiceForName(options.defaultBinding);
@@ -168,9 +178,10 @@ export class ScopeResolver {
   }
 
   /** The scopes that apply to a (binding, domain) pair, most specific first. */
-  private chain(binding: Binding, domain: string): (ScopedOptions | undefined)[] {
+  private chain(binding: Binding, domain: string | undefined): (ScopedOptions | undefined)[] {
     const own = this.options.bindings[binding.name];
     const group = binding.group !== undefined ? this.options.bindingGroups[binding.group] : undefined;
+    if (domain === undefined) return [own, group, this.options];
     return [own?.domains?.[domain], group?.domains?.[domain], own, group, this.options.domains[domain], this.options];
   }
 

@@ -11,7 +11,7 @@ import { deliverToDomain, emptyDomainResult, type DomainResult } from './deliver
 import { BindingPoolError, describeError } from './errors';
 import { MxResolver } from './mx-resolver';
 import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from './options';
-import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
+import { PoolRegistry, type ConnectionSummary, type DestinationPool, type DroppedPoolTotals, type PoolStats } from './pool-registry';
 import type { Recipient } from './recipients';
 import { Router } from './routing';
 
@@ -94,11 +94,12 @@ export class LocalEngine extends EventEmitter implements Engine {
 
   /** Checks that every configured route accepts a connection; rejects naming the one that did not. */
   async verify(): Promise<true> {
-    for (const { path, route, binding: bindingName } of this.scopes.configuredRoutes()) {
+    for (const { path, route, binding: bindingName, domain } of this.scopes.configuredRoutes()) {
       const binding = this.scopes.binding(bindingName)!;
-      const options: ResolvedOptions = { ...this.scopes.resolve(binding, route.host), route };
+      // The options of the scope the route was set in: a domain stanza's (its tls, say), or none.
+      const options: ResolvedOptions = { ...this.scopes.resolve(binding, domain), route };
       try {
-        const connection = await this.router.connectorFor(binding, route.host, options)();
+        const connection = await this.router.connectorFor(binding, domain ?? route.host, options)();
         await connection.close('shutdown');
       } catch (err) {
         throw new BindingPoolError(
@@ -124,6 +125,22 @@ export class LocalEngine extends EventEmitter implements Engine {
   ): Promise<DomainResult> {
     // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
     const pool = this.registry.get(binding.name, domain);
+    pool.enter();
+    try {
+      return await this.deliverOverPool(pool, binding, domain, recipients, envelope, message);
+    } finally {
+      pool.leave();
+    }
+  }
+
+  private async deliverOverPool(
+    pool: DestinationPool,
+    binding: Binding,
+    domain: string,
+    recipients: Recipient[],
+    envelope: TransactionEnvelope,
+    message: Buffer,
+  ): Promise<DomainResult> {
     const options = pool.options;
     if (!options.route) {
       const decision = await this.router.decide(binding, domain, options);

@@ -134,6 +134,15 @@ export interface BindingPoolOptions extends ScopedOptions {
   /** Domains kept in the DNS cache at most; the least recently added go first. Default 10 000. */
   dnsCacheSize?: number;
   /**
+   * The most bytes of messages read (built) and not yet delivered, across the transport. A send
+   * over it waits before its message is built, so a queue of large messages holds about this
+   * much (a composed message's size is known only once built: reads begun on a low estimate can
+   * pass it by a message or two). Each destination also holds at most two messages per
+   * connection it may open. A message larger than the whole budget is still sent, alone.
+   * Default 268 435 456 (256 MiB).
+   */
+  maxReadAheadBytes?: number;
+  /**
    * Deliver from a worker thread, so composing messages (the application's thread) and speaking
    * SMTP (the worker) run on two cores. The options other than `selectBinding` must then be
    * plain data (no functions). Default false.
@@ -183,3 +192,11 @@ export const DNS_OPTIONS = {
   dnsTimeout: { min: 1, default: 5_000 },
   dnsCacheSize: { min: 1, default: 10_000 },
 } as const;
+
+/** Only global: the read-ahead budget every send shares (read-ahead.ts). */
+export const READ_AHEAD_OPTIONS = {
+  maxReadAheadBytes: { min: 1, default: 256 * 1024 * 1024 },
+} as const;
+
+/** Messages a destination may hold read ahead, per connection it may open: the one it carries and the next. */
+export const READ_AHEAD_PER_CONNECTION = 2;

@@ -109,6 +109,8 @@ export class DestinationPool {
   private readonly entryWaiters = new Set<EntryWaiter>();
   private lastHandout = 0;
   private stallTimer: NodeJS.Timeout | undefined;
+  /** Deliveries under way for this pool, also between acquires (an MX lookup, a retry): it is not idle then. */
+  private deliveries = 0;
 
   constructor(
     binding: string,
@@ -256,9 +258,20 @@ export class DestinationPool {
     return Date.now() >= this.backoffUntil;
   }
 
-  /** No connection lent out, no send waiting. */
+  /** No delivery under way, no connection lent out, no send waiting. */
   get idle(): boolean {
-    return this.pool.borrowed === 0 && this.pool.pending === 0;
+    return this.deliveries === 0 && this.pool.borrowed === 0 && this.pool.pending === 0;
+  }
+
+  /** A delivery starts: the pool is not dropped as idle until it ends (`leave`). */
+  enter(): void {
+    this.deliveries++;
+    clearTimeout(this.idleTimer);
+  }
+
+  leave(): void {
+    this.deliveries--;
+    this.armIdleTimer();
   }
 
   stats(): PoolStats {

@@ -67,6 +67,38 @@ export function parseRecipient(address: string): Recipient | InvalidRecipient {
   return { address, rcpt, domain };
 }
 
+/** CR, LF or NUL: never part of an address or a display name as an application means it. */
+const LINE_BREAK_OR_NUL = /[\r\n\0]/;
+
+/** The fields of a message that name its sender or recipients, as the application passes them. */
+const ADDRESS_FIELDS = ['from', 'sender', 'replyTo', 'to', 'cc', 'bcc'] as const;
+
+/**
+ * Throws EADDRESS when a sender or recipient field, as the application passed it, holds CR, LF
+ * or NUL. Checked before Nodemailer's address parser, which would turn
+ * `'a@d.test\r\nRCPT TO:<x@d.test>'` into two clean-looking addresses.
+ */
+export function assertCleanAddressFields(mail: object): void {
+  const data = mail as Record<string, unknown>;
+  for (const field of ADDRESS_FIELDS) checkAddressValue(data[field], field);
+  const envelope = data.envelope as Record<string, unknown> | undefined;
+  if (envelope && typeof envelope === 'object') for (const field of ['from', 'to', 'cc', 'bcc']) checkAddressValue(envelope[field], `envelope.${field}`);
+}
+
+function checkAddressValue(value: unknown, path: string): void {
+  if (typeof value === 'string') {
+    if (LINE_BREAK_OR_NUL.test(value)) {
+      throw new BindingPoolError('EADDRESS', `${path} ${JSON.stringify(value)} contains CR, LF or NUL; nothing of this message was sent`);
+    }
+  } else if (Array.isArray(value)) {
+    value.forEach((item, i) => checkAddressValue(item, `${path}[${i}]`));
+  } else if (value && typeof value === 'object') {
+    const { name, address } = value as { name?: unknown; address?: unknown };
+    checkAddressValue(name, `${path}.name`);
+    checkAddressValue(address, `${path}.address`);
+  }
+}
+
 export interface GroupedRecipients {
   byDomain: Map<string, Recipient[]>;
   invalid: InvalidRecipient[];

@@ -13,9 +13,11 @@ import { ConcurrencyLimit } from './concurrency';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
 import { rawBytes, rawMessageId, readMessage } from './message-bytes';
-import { SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
+import { READ_AHEAD_OPTIONS, READ_AHEAD_PER_CONNECTION, SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
 import type { ConnectionSummary } from './pool-registry';
-import { assertNoInjection, groupByDomain } from './recipients';
+import { ReadAheadBudget, type ReadAheadKey } from './read-ahead';
+import { assertCleanAddressFields, assertNoInjection, groupByDomain, type Recipient } from './recipients';
+import type { SenderName } from './config';
 
 export const VERSION = '0.1.0';
 
@@ -45,6 +47,8 @@ export interface BindingPoolSendError extends BindingPoolError {
 export interface TransportStats extends EngineStats {
   /** Sends in progress. */
   sending: number;
+  /** Messages read ahead of delivery and their bytes (maxReadAheadBytes), and sends waiting to be read. */
+  readAhead: { messages: number; bytes: number; waiting: number };
 }
 
 type SendCallback = (err: Error | null, info?: BindingPoolSentMessageInfo) => void;
@@ -55,6 +59,9 @@ const MAX_CONCURRENT_READS = 16;
 /** The domain key under which recipients with an unparseable address are reported. */
 const INVALID_ADDRESSES = '';
 
+/** Read-ahead limits cached per (sender, domain) at most; the cache starts over past it. */
+const MAX_CACHED_LIMITS = 10_000;
+
 export class BindingPoolTransport extends EventEmitter implements Transport<BindingPoolSentMessageInfo> {
   readonly name = 'BindingPool';
   readonly version = VERSION;
@@ -62,6 +69,8 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   private readonly engine: Engine;
   private readonly inFlight = new Set<Promise<unknown>>();
   private readonly reads = new ConcurrencyLimit(MAX_CONCURRENT_READS);
+  private readonly readAhead: ReadAheadBudget;
+  private readonly readAheadLimits = new Map<string, number>();
   private closed = false;
   private closing: Promise<void> | undefined;
 
@@ -69,6 +78,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     super();
     // Checks the options (throws ConfigError) and names bindings for messages.
     this.scopes = new ScopeResolver(options);
+    this.readAhead = new ReadAheadBudget(this.scopes.options.maxReadAheadBytes ?? READ_AHEAD_OPTIONS.maxReadAheadBytes.default);
     this.engine = options.deliveryThread ? new ThreadEngine(options) : new LocalEngine(options);
     this.engine.on('connectionClosed', (summary: ConnectionSummary) => this.emit('connectionClosed', summary));
   }
@@ -80,8 +90,8 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
       return;
     }
     const sending = this.deliver(mail).then(
-      (info) => callback(null, info),
-      (err: Error) => callback(err),
+      (info) => callSafely(callback, null, info),
+      (err: Error) => callSafely(callback, err),
     );
     this.inFlight.add(sending);
     sending.finally(() => {
@@ -96,7 +106,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   }
 
   stats(): TransportStats {
-    return { ...this.engine.stats(), sending: this.inFlight.size };
+    return { ...this.engine.stats(), sending: this.inFlight.size, readAhead: this.readAhead.held };
   }
 
   /**
@@ -128,36 +138,74 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   private async deliver(mail: MailMessage<BindingPoolSentMessageInfo>): Promise<BindingPoolSentMessageInfo> {
     const data = mail.data as typeof mail.data & BindingChoice;
     // Everything that can refuse the message as a whole is checked before a byte goes out.
+    assertCleanAddressFields(data);
     const sender = this.scopes.senderFor(data);
-    const envelope = mail.message.getEnvelope();
+    const envelope = mail.message.getEnvelope() as ReturnType<typeof mail.message.getEnvelope> & { use8BitMime?: boolean };
     const from = envelope.from || '';
     assertNoInjection(from, 'sender');
     const { byDomain, invalid } = groupByDomain(envelope.to);
     if (byDomain.size === 0 && invalid.length === 0) throw new BindingPoolError('ENORECIPIENTS', 'the message has no recipients');
 
-    let message: Buffer;
+    // Raw bytes that need no stream are taken at once; the rest is read a few at a time, and
+    // either waits for room in the read-ahead budget first.
+    const raw = rawBytes(mail.message);
+    const ticket = await this.readAhead.admit(this.readAheadKeys(sender, byDomain), raw?.length);
     try {
-      // Raw bytes that need no stream are taken at once; the rest is read a few at a time.
-      message = rawBytes(mail.message) ?? (await this.reads.run(() => readMessage(mail.message)));
+      const message = raw ?? (await this.build(mail));
+      this.readAhead.settle(ticket, message.length, raw === undefined);
+      // A raw message's own Message-ID; Nodemailer's (generated, or the composed message's header) otherwise.
+      const messageId = (mail.data.raw !== undefined ? rawMessageId(message) : undefined) ?? mail.message.messageId();
+      if (transportLog.enabled) transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);
+      const domains = await this.engine.deliver({
+        sender,
+        // The envelope parameters Nodemailer's SMTP transport passes, and the exact SIZE.
+        envelope: { from, size: message.length, dsn: data.dsn, use8BitMime: envelope.use8BitMime, requireTLSExtensionEnabled: data.requireTLSExtensionEnabled },
+        message,
+        domains: [...byDomain],
+      });
+      if (invalid.length > 0) {
+        const unparsed = emptyDomainResult(INVALID_ADDRESSES, 'binding' in sender ? sender.binding : sender.group);
+        unparsed.rejected = invalid.map(({ address, reason }) => ({ recipient: address, status: 'rejected', response: `invalid address: ${reason}` }));
+        domains.push(unparsed);
+      }
+      return summarize(domains, { from: envelope.from, to: envelope.to }, messageId);
+    } finally {
+      this.readAhead.release(ticket);
+    }
+  }
+
+  private async build(mail: MailMessage<BindingPoolSentMessageInfo>): Promise<Buffer> {
+    try {
+      return await this.reads.run(() => readMessage(mail.message));
     } catch (err) {
       throw new BindingPoolError('EMESSAGE', `the message could not be built: ${describeError(err)}; nothing was sent`, { cause: err });
     }
-    // A raw message's own Message-ID; Nodemailer's (generated, or the composed message's header) otherwise.
-    const messageId = (mail.data.raw !== undefined ? rawMessageId(message) : undefined) ?? mail.message.messageId();
-    if (transportLog.enabled) transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);
+  }
 
-    const domains = await this.engine.deliver({
-      sender,
-      envelope: { from, size: message.length, dsn: data.dsn },
-      message,
-      domains: [...byDomain],
-    });
-    if (invalid.length > 0) {
-      const unparsed = emptyDomainResult(INVALID_ADDRESSES, 'binding' in sender ? sender.binding : sender.group);
-      unparsed.rejected = invalid.map(({ address, reason }) => ({ recipient: address, status: 'rejected', response: `invalid address: ${reason}` }));
-      domains.push(unparsed);
+  /** The destinations a message holds read-ahead room at: each (sender, domain), as many as its connections carry now and next. */
+  private readAheadKeys(sender: SenderName, byDomain: Map<string, Recipient[]>): ReadAheadKey[] {
+    const name = 'binding' in sender ? `b\0${sender.binding}` : `g\0${sender.group}`;
+    const keys: ReadAheadKey[] = [];
+    for (const domain of byDomain.keys()) {
+      const key = `${name}\0${domain}`;
+      let limit = this.readAheadLimits.get(key);
+      if (limit === undefined) {
+        if (this.readAheadLimits.size >= MAX_CACHED_LIMITS) this.readAheadLimits.clear();
+        limit = READ_AHEAD_PER_CONNECTION * this.scopes.connectionsTo(sender, domain);
+        this.readAheadLimits.set(key, limit);
+      }
+      keys.push({ key, limit });
     }
-    return summarize(domains, { from: envelope.from, to: envelope.to }, messageId);
+    return keys;
+  }
+}
+
+/** A callback that throws must not become an unhandled rejection (Nodemailer's transports isolate it too). */
+function callSafely(callback: SendCallback, err: Error | null, info?: BindingPoolSentMessageInfo): void {
+  try {
+    callback(err, info);
+  } catch (thrown) {
+    transportLog('the sendMail callback threw: %s', describeError(thrown));
   }
 }
 

@@ -8,6 +8,7 @@ import { ConfigError } from './errors';
 import { normalizeDomain } from './recipients';
 import {
   DNS_OPTIONS,
+  READ_AHEAD_OPTIONS,
   SCOPED_OPTIONS,
   SCOPED_OPTION_NAMES,
   type BindingGroupOptions,
@@ -20,6 +21,7 @@ import {
 const TOP_LEVEL_KEYS = [
   ...SCOPED_OPTION_NAMES,
   ...Object.keys(DNS_OPTIONS),
+  ...Object.keys(READ_AHEAD_OPTIONS),
   'bindings',
   'bindingGroups',
   'domains',
@@ -62,7 +64,7 @@ export function checkOptions(input: unknown): CheckedOptions {
   if (options.deliveryThread !== undefined && typeof options.deliveryThread !== 'boolean') {
     throw new ConfigError('deliveryThread', `must be true or false, got ${show(options.deliveryThread)}`);
   }
-  for (const [name, { min }] of Object.entries(DNS_OPTIONS)) {
+  for (const [name, { min }] of Object.entries({ ...DNS_OPTIONS, ...READ_AHEAD_OPTIONS })) {
     const value = options[name];
     if (value !== undefined && (!Number.isInteger(value) || (value as number) < min))
       throw new ConfigError(name, `must be a whole number ≥ ${min}, got ${show(value)}`);

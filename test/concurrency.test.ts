@@ -58,28 +58,37 @@ describe('ConcurrencyLimit', () => {
 describe('a batch of composed messages handed over at once', () => {
   const { startServer, transport } = closedAfterEach();
 
-  test.each([false, true])('is read 16 at a time and delivered in full (deliveryThread: %s)', async (deliveryThread) => {
-    const server = await startServer();
-    const { transporter } = transport({ route: routeTo(server), deliveryThread });
-    // Count the message streams being read at once, as the transport reads them.
-    let reading = 0;
-    let mostAtOnce = 0;
-    transporter.use('stream', (mail, done) => {
-      const open = mail.message.createReadStream.bind(mail.message);
-      mail.message.createReadStream = () => {
-        const stream = open();
-        mostAtOnce = Math.max(mostAtOnce, ++reading);
-        stream.once('end', () => reading--);
-        return stream;
-      };
-      done();
-    });
-    const results = await Promise.allSettled(messages(120, 'x.test').map((m) => transporter.sendMail(m)));
-    await transporter.close();
-    await server.stop();
+  // At most 16 read at once, and at most 2 per connection the destination may open (read-ahead).
+  test.each([
+    [false, 10, 16],
+    [true, 10, 16],
+    [false, 5, 10],
+    [true, 2, 4],
+  ])(
+    'deliveryThread %s, maxOutboundConnections %i: read %i at a time at most, and delivered in full',
+    async (deliveryThread, maxOutboundConnections, expected) => {
+      const server = await startServer();
+      const { transporter } = transport({ route: routeTo(server), deliveryThread, maxOutboundConnections });
+      // Count the message streams being read at once, as the transport reads them.
+      let reading = 0;
+      let mostAtOnce = 0;
+      transporter.use('stream', (mail, done) => {
+        const open = mail.message.createReadStream.bind(mail.message);
+        mail.message.createReadStream = () => {
+          const stream = open();
+          mostAtOnce = Math.max(mostAtOnce, ++reading);
+          stream.once('end', () => reading--);
+          return stream;
+        };
+        done();
+      });
+      const results = await Promise.allSettled(messages(120, 'x.test').map((m) => transporter.sendMail(m)));
+      await transporter.close();
+      await server.stop();
 
-    expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
-    expect(mostAtOnce).toBe(16);
-    expect(server.deliveredRecipients()).toHaveLength(120);
-  });
+      expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
+      expect(mostAtOnce).toBe(expected);
+      expect(server.deliveredRecipients()).toHaveLength(120);
+    },
+  );
 });

@@ -18,6 +18,8 @@ export interface Zone {
   servfail?: string[];
   /** Names whose queries are never answered. */
   silent?: string[];
+  /** Names whose answers come this many ms late. */
+  delays?: Record<string, number>;
   /** TTL of every record (seconds); per-name override in `ttls`. */
   ttl?: number;
   ttls?: Record<string, number>;
@@ -68,7 +70,9 @@ export class DnsServer {
         } else if (question.type === Packet.TYPE.A) {
           for (const address of zone.a?.[name] ?? []) response.answers.push(resource({ name, type: Packet.TYPE.A, class: Packet.CLASS.IN, ttl, address }));
         }
-        send(response);
+        const delay = zone.delays?.[name];
+        if (delay) setTimeout(() => send(response), delay);
+        else send(response);
       },
     });
     return new Promise((resolve) => {

@@ -127,6 +127,20 @@ async function run(scenario: Scenario): Promise<Run> {
   );
   // Every invariant holds, pool sizes included.
   expect(violations).toEqual([]);
+  // "Outcome unknown" is the truth, as the servers saw it. A server that took the final dot and
+  // sent no reply may have the message: unknown, never sent again. Unknown is allowed beyond that
+  // only where the server had read the bytes of the dot off the socket before it dropped (a
+  // drop "mid-data" of a message that fits in one read); a drop or stall anywhere before DATA
+  // left the server with nothing, so the recipient went on elsewhere.
+  const transactions = Object.values(servers).flatMap((s) => s.transactions);
+  for (const [recipient, outcome] of outcomes) {
+    const own = transactions.filter((t) => t.rcptAccepted.includes(recipient));
+    const mayHaveIt = own.some((t) => t.received && t.dataReply === undefined);
+    const dotMayBeIn = mayHaveIt || own.some((t) => t.faults.includes('data:dropMidData'));
+    const unknown = outcome.status === 'pending' && /outcome unknown/.test(outcome.response);
+    if (mayHaveIt) expect({ recipient, unknown }).toEqual({ recipient, unknown: true });
+    if (!dotMayBeIn) expect({ recipient, unknown }).toEqual({ recipient, unknown: false });
+  }
   return {
     servers,
     sends: checker.sends,
@@ -174,12 +188,9 @@ describe("Exim's 421 after k messages on a connection", () => {
     const r = await run({ name: 'exim421', plan: { messagesPerConnection: 2 } });
     expect(r.figures.faults['mail:421-too-many-messages']).toBeGreaterThan(0);
     for (const c of Object.values(r.servers).flatMap((s) => s.connections)) expect(c.transactions.filter((t) => t.received).length).toBeLessThanOrEqual(2);
-    // A 421 only sends the transaction to another connection; what ends pending ran out of attempts on 421s.
-    for (const recipient of allRecipients(r)) {
-      const o = r.outcome(recipient);
-      expect(o.status === 'accepted' || o.responseCode === 421).toBe(true);
-    }
-    expect(r.figures.accepted).toBeGreaterThan(r.figures.recipients / 2);
+    // A 421 only sends the transaction to another connection: with the client's limit (3) above
+    // the server's (2), each recipient meets at most one 421, and maxAttempts is 3.
+    for (const recipient of allRecipients(r)) expect(r.outcome(recipient).status).toBe('accepted');
   });
 });
 
@@ -362,7 +373,10 @@ describe('server restart', () => {
     expect(a.restarts).toBe(1);
     expect(a.connections.some((c) => c.generation === 0 && c.transactions.length > 0)).toBe(true);
     expect(a.connections.some((c) => c.generation === 1 && c.transactions.length > 0)).toBe(true);
-    expect(r.figures.accepted).toBeGreaterThan(r.figures.recipients / 2);
+    // What the restart cut off before the final dot went again; only a message whose dot was in
+    // (at most one per connection open then) can be unknown. Everything else is accepted.
+    expect(r.figures.unknown).toBeLessThanOrEqual(LIMITS.maxOutboundConnections! * LIMITS.maxRecipientsPerTransaction!);
+    expect(r.figures.accepted).toBe(r.figures.recipients - r.figures.unknown);
   });
 });
 

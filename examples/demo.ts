@@ -9,12 +9,17 @@
  *   the connection after a 421.
  * - strict (strict.test): refuses recipients whose local part starts with `nobody` with 550.
  *
+ * The messages are real-sized and composed (HTML and text, most with an attachment): about 70 %
+ * of 5–20 KiB, 25 % of 20–200 KiB and 5 % of 1–10 MiB. The servers record the bytes they stored
+ * and the demo checks each message's attachment arrived whole.
+ *
  * The messages go out through binding group `bulk`: bindings mta1 (127.0.0.2) and mta2
  * (127.0.0.3). The demo exits non-zero when a recipient is lost, a message is delivered twice, or
  * the transport's figures and the servers' disagree. All traffic stays on loopback: every domain
  * has a route, so no DNS query is made (on Linux all of 127.0.0.0/8 is loopback; on macOS first
  * run `sudo ifconfig lo0 alias 127.0.0.2` and `sudo ifconfig lo0 alias 127.0.0.3`).
  */
+import { createHash, randomBytes } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import nodemailer from 'nodemailer';
 import { SMTPServer, type SMTPServerSession } from 'smtp-server';
@@ -87,6 +92,9 @@ function limitFor(binding: string, domain: string): { deliveries: number; rcpts:
 
 interface SeenTransaction {
   messageId: string;
+  /** Bytes the server stored, and the SHA-256 of the attachment it found (X-Attachment-SHA256 names the one sent). */
+  bytes: number;
+  attachmentIntact: boolean;
   rcptAttempts: string[];
   rcptAccepted: string[];
   /** The server answered the final dot with 250. */
@@ -152,7 +160,7 @@ async function startServer(name: string, behaviour: ServerBehaviour = {}): Promi
         connection.refusedAtMailFrom++;
         return callback(smtpError(421, 'too many messages in this connection'));
       }
-      connection.transactions.push({ messageId: '', rcptAttempts: [], rcptAccepted: [], delivered: false });
+      connection.transactions.push({ messageId: '', bytes: 0, attachmentIntact: false, rcptAttempts: [], rcptAccepted: [], delivered: false });
       callback();
     },
     onRcptTo(address, session, callback) {
@@ -168,7 +176,10 @@ async function startServer(name: string, behaviour: ServerBehaviour = {}): Promi
       const chunks: Buffer[] = [];
       stream.on('data', (chunk: Buffer) => chunks.push(chunk));
       stream.on('end', () => {
-        transaction.messageId = /^Message-ID:\s*(<[^>]*>)/im.exec(Buffer.concat(chunks).toString())?.[1] ?? '?';
+        const text = Buffer.concat(chunks).toString('latin1');
+        transaction.messageId = /^Message-ID:\s*(<[^>]*>)/im.exec(text)?.[1] ?? '?';
+        transaction.bytes = text.length;
+        transaction.attachmentIntact = attachmentIntact(text);
         transaction.delivered = true;
         callback(null, 'Ok: queued');
       });
@@ -209,6 +220,28 @@ function random(seed: number): () => number {
   };
 }
 
+/** The attachment sizes of the mix: 70 % 5–20 KiB messages (no attachment, a long HTML body), 25 % 20–200 KiB, 5 % 1–10 MiB. */
+function messageSize(next: () => number): number {
+  const r = next();
+  const KiB = 1024;
+  if (r < 0.7) return Math.round((5 + next() * 15) * KiB);
+  if (r < 0.95) return Math.round((20 + next() * 180) * KiB);
+  return Math.round((1 + next() * 9) * KiB * KiB);
+}
+
+/** Random bytes for every attachment: slices of one buffer. */
+const ATTACHMENT_BYTES = randomBytes(10 * 1024 * 1024);
+
+const sha256 = (bytes: Buffer): string => createHash('sha256').update(bytes).digest('hex');
+
+/** The attachment part of a stored message, decoded, against the digest its header names. */
+function attachmentIntact(text: string): boolean {
+  const named = /^X-Attachment-SHA256: ([0-9a-f]+)/im.exec(text)?.[1];
+  if (!named) return true;
+  const part = /Content-Disposition: attachment[^]*?\r\n\r\n([A-Za-z0-9+/=\r\n]+)/.exec(text)?.[1];
+  return part !== undefined && sha256(Buffer.from(part.replace(/\r\n/g, ''), 'base64')) === named;
+}
+
 function buildMessages() {
   const next = random(2024);
   const pickDomain = (): string => {
@@ -223,6 +256,11 @@ function buildMessages() {
       const local = domain === 'strict.test' && next() < 0.2 ? `nobody${i}-${k}` : `user${i}-${k}`;
       return `${local}@${domain}`;
     });
+    const size = messageSize(next);
+    const paragraph = `<p>Hello, this is demo message ${i}. ${'Lorem ipsum dolor sit amet, consectetur adipiscing elit. '.repeat(8)}</p>\n`;
+    // Small messages are all HTML; larger ones carry most of their size as an attachment.
+    const small = size < 20 * 1024;
+    const attachment = small ? undefined : ATTACHMENT_BYTES.subarray(i, i + Math.round(size * 0.74));
     return {
       bindingGroup: 'bulk',
       messageId: `<demo-${i}@demo.test>`,
@@ -230,6 +268,11 @@ function buildMessages() {
       to,
       subject: `Demo message ${i}`,
       text: `Hello, this is demo message ${i}.`,
+      html: paragraph.repeat(small ? Math.ceil(size / paragraph.length) : 2),
+      ...(attachment && {
+        headers: { 'X-Attachment-SHA256': sha256(attachment) },
+        attachments: [{ filename: `report-${i}.bin`, content: attachment }],
+      }),
     };
   });
 }
@@ -417,6 +460,9 @@ function printTotals(
     (r) => r.error!.code ?? r.error!.message,
   );
 
+  const stored = seen.flatMap((c) => c.transactions.filter((t) => t.delivered));
+  const broken = stored.filter((t) => !t.attachmentIntact).length;
+  if (broken) problems.push(`${broken} stored message(s) whose attachment differs from the one sent`);
   if (lost) problems.push(`${lost} recipient(s) lost: in none of accepted / rejected / pending`);
   if (reportedTwice) problems.push(`${reportedTwice} recipient(s) in more than one of accepted / rejected / pending`);
   if (duplicates) problems.push(`${duplicates} duplicate deliveries on the servers`);
@@ -444,6 +490,11 @@ function printTotals(
     ],
     ['  rejected', outcome.rejected, `${expectedRejected} nobody*@strict.test addresses were sent: ${check(outcome.rejected === expectedRejected)}`],
     ['  pending', outcome.pending, ''],
+    [
+      'bytes',
+      `${(sum(stored.map((t) => t.bytes)) / 1024 / 1024).toFixed(1)} MiB`,
+      `stored by the servers; largest ${(Math.max(...stored.map((t) => t.bytes)) / 1024 / 1024).toFixed(1)} MiB; attachments intact: ${check(broken === 0)}`,
+    ],
     ['  lost', lost, 'in none of accepted / rejected / pending (must be 0)'],
     ['duplicates', duplicates, '(message, recipient) pairs a server delivered more than once (must be 0)'],
     [
@@ -461,6 +512,14 @@ function printTotals(
   console.log(table(['', '', ''], rows, [1]));
 }
 
+/** `210 of 5–20 KiB, …`: how many messages of each size class the demo sends. */
+function sizeMix(messages: DemoMessage[]): string {
+  const bytes = (m: DemoMessage): number => m.attachments?.[0].content.length ?? m.html.length;
+  const KiB = 1024;
+  const classes = countBy(messages, (m) => (bytes(m) < 20 * KiB ? '5–20 KiB' : bytes(m) < 1024 * KiB ? '20–200 KiB' : '1–10 MiB'));
+  return [...classes].map(([name, n]) => `${n} of ${name}`).join(', ');
+}
+
 // ---------------------------------------------------------------------------------------------
 
 async function main(): Promise<number> {
@@ -475,7 +534,7 @@ async function main(): Promise<number> {
   relay  :${relay.port}  inbox.test (≤ ${LIMITS.inbox} deliveries per connection), news.test (≤ ${LIMITS.news}, set for group bulk)
   exim   :${exim.port}  exim.test (≤ ${LIMITS.exim}; ≤ ${LIMITS.eximFromMta2} from mta2), answers 421 after ${EXIM_MESSAGES_PER_CONNECTION} messages on a connection
   strict :${strict.port}  strict.test (≤ ${LIMITS.strictRcpts} RCPTs per connection), 550 for nobody*@strict.test
-Sending ${messages.length} messages to ${sum(messages.map((m) => m.to.length))} recipients through binding group bulk: mta1 ${BINDINGS.mta1.localAddress}, mta2 ${BINDINGS.mta2.localAddress}`);
+Sending ${messages.length} messages (${sizeMix(messages)}) to ${sum(messages.map((m) => m.to.length))} recipients through binding group bulk: mta1 ${BINDINGS.mta1.localAddress}, mta2 ${BINDINGS.mta2.localAddress}`);
 
   const pool = new BindingPoolTransport(transportOptions(relay, exim, strict));
   const closed: ConnectionSummary[] = [];

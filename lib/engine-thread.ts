@@ -150,13 +150,17 @@ export class ThreadEngine extends EventEmitter implements Engine {
 
   /**
    * The worker died: what it was delivering may or may not have reached the servers, so those
-   * recipients are reported pending with the outcome unknown, never re-sent. The next send
-   * starts a new worker.
+   * recipients are reported pending with the outcome unknown, never re-sent. The next send (or
+   * the outbox's next flush) starts a new worker.
    */
   private lost(worker: Worker, err: Error): void {
     if (this.worker !== worker) return;
     this.worker = undefined;
+    // Jobs still in the outbox never reached the dead worker: they go to the next one, and their
+    // senders get the real outcome.
+    const unsent = new Set(this.outbox.map(({ id }) => id));
     for (const [id, waiter] of this.waiting) {
+      if (unsent.has(id)) continue;
       this.waiting.delete(id);
       if (!waiter.job) {
         waiter.reject(err);

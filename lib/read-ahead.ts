@@ -47,7 +47,10 @@ export class ReadAheadBudget {
 
   /** Resolves once the message may be read; `size` when it is known already (a raw Buffer). */
   admit(keys: readonly ReadAheadKey[], size?: number): Promise<ReadAheadTicket> | ReadAheadTicket {
-    const ticket: ReadAheadTicket = { keys, bytes: size ?? this.estimate, taken: 0 };
+    // Gates are taken in one order for every message: a message holding A while waiting for B
+    // and another holding B while waiting for A would wait forever.
+    const ordered = keys.length > 1 ? [...keys].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)) : keys;
+    const ticket: ReadAheadTicket = { keys: ordered, bytes: size ?? this.estimate, taken: 0 };
     if (this.advance(ticket)) return ticket;
     return new Promise((resolve) => {
       ticket.wake = () => resolve(ticket);

@@ -104,7 +104,8 @@ function afterRcpt(rcpt: string, facts: TransactionFacts): RecipientReply {
   if (failure?.kind === 'reply') return fromReply(rcpt, failure.reply);
   if (failure?.kind === 'broken' && failure.reply) return fromReply(rcpt, failure.reply);
   const why = failure?.kind === 'broken' ? failure.message : 'the transaction ended without a reply';
-  if (facts.message === 'sent' && failure?.kind === 'broken' && failure.peerReset) {
+  // Any LMTP reply to the dot proves the server read it: a reset after that proves nothing.
+  if (facts.message === 'sent' && failure?.kind === 'broken' && failure.peerReset && facts.lmtpReplies.size === 0) {
     return { rcpt, verdict: 'retry', response: `${why} (the server reset the connection with the end of the message unread)` };
   }
   if (facts.message === 'sent') {

@@ -36,6 +36,18 @@ describe('ReadAheadBudget', () => {
     expect(await admitted(budget.admit([key('fast', 1)], 10))).toBe(true);
   });
 
+  test('messages for several destinations, listed in any order, never wait on each other forever', async () => {
+    // Found by the demo: [a, b] holding a and waiting for b, [b, a] holding b and waiting for a.
+    const budget = new ReadAheadBudget(100 * MiB);
+    const first = await budget.admit([key('a', 1), key('b', 1)], 10);
+    const ab = budget.admit([key('a', 1), key('b', 1)], 10);
+    const ba = budget.admit([key('b', 1), key('a', 1)], 10);
+    budget.release(first);
+    const next = await Promise.race([ab, ba]);
+    budget.release(next);
+    expect(await admitted(next === (await ab) ? ba : ab)).toBe(true);
+  });
+
   test('bytes stay under the budget; a message larger than the whole budget still goes, alone', async () => {
     const budget = new ReadAheadBudget(10 * MiB);
     const big = await budget.admit([key('a', 10)], 50 * MiB);

@@ -22,8 +22,8 @@ import { transportLog } from './log';
 interface Waiter {
   resolve(value: unknown): void;
   reject(err: Error): void;
-  /** The recipients of a delivery, to report them if the worker dies under it. */
-  job?: MessageJob;
+  /** The recipients of a delivery, to report them if the worker dies under it (not its bytes: the worker has those). */
+  job?: Omit<MessageJob, 'message'>;
 }
 
 const EMPTY_STATS: EngineStats = {
@@ -93,7 +93,8 @@ export class ThreadEngine extends EventEmitter implements Engine {
 
   private request(id: number, job?: MessageJob): Promise<unknown> {
     this.ensureWorker().ref();
-    return new Promise((resolve, reject) => this.waiting.set(id, { resolve, reject, job }));
+    const recipients = job && { sender: job.sender, envelope: job.envelope, domains: job.domains };
+    return new Promise((resolve, reject) => this.waiting.set(id, { resolve, reject, job: recipients }));
   }
 
   private flush(): void {

@@ -8,8 +8,8 @@
  *   destination's connections carry now plus one each to start next; a slow destination holds
  *   only its own share, never the others';
  * - overall: the bytes of every message held stay under `maxBytes`. A message's size is known
- *   only once it is built, so a read reserves an estimate (the size of the last messages built)
- *   and is charged its real size when done. A message larger than the whole budget still goes,
+ *   only once it is built, so a read reserves an estimate (the size of the last messages built;
+ *   the whole budget for the first) and is charged its real size when done. A message larger than the whole budget still goes,
  *   alone, so nothing waits forever.
  * Waiting is FIFO per gate: a message held back for a busy destination does not hold back
  * messages for the others.
@@ -26,13 +26,15 @@ export interface ReadAheadTicket {
   readonly keys: readonly ReadAheadKey[];
   /** Bytes charged against the overall budget. */
   bytes: number;
+  /** `bytes` is an estimate (the message is not built yet): refreshed while it waits. */
+  estimated: boolean;
   /** Keys whose slot it holds so far. */
   taken: number;
   wake?: () => void;
 }
 
-/** The first estimate for a message not yet built, before any was measured. */
-const FIRST_ESTIMATE = 64 * 1024;
+/** The smallest reservation for a message not yet built. */
+const MIN_ESTIMATE = 1024;
 
 export class ReadAheadBudget {
   private heldBytes = 0;
@@ -40,17 +42,24 @@ export class ReadAheadBudget {
   private readonly perKey = new Map<string, number>();
   private readonly keyWaiters = new Map<string, Fifo<ReadAheadTicket>>();
   private readonly byteWaiters = new Fifo<ReadAheadTicket>();
-  /** Recent size of built messages, for the reservation of the next read. */
-  private estimate = FIRST_ESTIMATE;
+  /**
+   * Recent size of built messages, for the reservation of the next read. Before the first is
+   * measured, a read reserves the whole budget: the first message is built alone, so a queue of
+   * large messages cannot start a dozen reads on a guess.
+   */
+  private estimate: number;
+  private measured = false;
 
-  constructor(readonly maxBytes: number) {}
+  constructor(readonly maxBytes: number) {
+    this.estimate = maxBytes;
+  }
 
   /** Resolves once the message may be read; `size` when it is known already (a raw Buffer). */
   admit(keys: readonly ReadAheadKey[], size?: number): Promise<ReadAheadTicket> | ReadAheadTicket {
     // Gates are taken in one order for every message: a message holding A while waiting for B
     // and another holding B while waiting for A would wait forever.
     const ordered = keys.length > 1 ? [...keys].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)) : keys;
-    const ticket: ReadAheadTicket = { keys: ordered, bytes: size ?? this.estimate, taken: 0 };
+    const ticket: ReadAheadTicket = { keys: ordered, bytes: size ?? this.estimate, estimated: size === undefined, taken: 0 };
     if (this.advance(ticket)) return ticket;
     return new Promise((resolve) => {
       ticket.wake = () => resolve(ticket);
@@ -58,12 +67,17 @@ export class ReadAheadBudget {
   }
 
   /** The message is built: charge its real size instead of the estimate. */
-  settle(ticket: ReadAheadTicket, size: number, estimated: boolean): void {
+  settle(ticket: ReadAheadTicket, size: number): void {
     const reserved = ticket.bytes;
+    const estimated = ticket.estimated;
     this.heldBytes += size - reserved;
     ticket.bytes = size;
+    ticket.estimated = false;
     // A moving average, so that a stream of large messages reserves large and a small one small.
-    if (estimated) this.estimate = Math.max(1024, Math.round(this.estimate * 0.75 + size * 0.25));
+    if (estimated) {
+      this.estimate = this.measured ? Math.max(MIN_ESTIMATE, Math.round(this.estimate * 0.75 + size * 0.25)) : Math.max(MIN_ESTIMATE, size);
+      this.measured = true;
+    }
     if (size < reserved) this.wakeByteWaiters();
   }
 
@@ -104,6 +118,7 @@ export class ReadAheadBudget {
       this.perKey.set(key, count + 1);
     }
     // Alone, a message goes whatever its size; in company, only within the budget.
+    if (ticket.estimated) ticket.bytes = this.estimate;
     if (this.heldMessages > 0 && this.heldBytes + ticket.bytes > this.maxBytes) {
       this.byteWaiters.push(ticket);
       return false;
@@ -119,6 +134,7 @@ export class ReadAheadBudget {
 
   private wakeByteWaiters(): void {
     for (let next = this.byteWaiters.peek(); next; next = this.byteWaiters.peek()) {
+      if (next.estimated) next.bytes = this.estimate;
       if (this.heldMessages > 0 && this.heldBytes + next.bytes > this.maxBytes) return;
       this.byteWaiters.shift();
       this.heldBytes += next.bytes;

@@ -152,7 +152,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     const ticket = await this.readAhead.admit(this.readAheadKeys(sender, byDomain), raw?.length);
     try {
       const message = raw ?? (await this.build(mail));
-      this.readAhead.settle(ticket, message.length, raw === undefined);
+      this.readAhead.settle(ticket, message.length);
       // A raw message's own Message-ID; Nodemailer's (generated, or the composed message's header) otherwise.
       const messageId = (mail.data.raw !== undefined ? rawMessageId(message) : undefined) ?? mail.message.messageId();
       if (transportLog.enabled) transportLog('%s: %d recipient(s), %d domain(s)', messageId, envelope.to.length, byDomain.size);

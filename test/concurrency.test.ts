@@ -87,7 +87,10 @@ describe('a batch of composed messages handed over at once', () => {
       await server.stop();
 
       expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
-      expect(mostAtOnce).toBe(expected);
+      // The first message is built alone (its size is not known yet) and may still be held while
+      // the next ones are read: one less than the limit is the most then.
+      expect(mostAtOnce).toBeLessThanOrEqual(expected);
+      expect(mostAtOnce).toBeGreaterThanOrEqual(expected - 1);
       expect(server.deliveredRecipients()).toHaveLength(120);
     },
   );

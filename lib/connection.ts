@@ -7,14 +7,23 @@
  * recipient (the rule itself is verdicts.ts). It knows nothing of pools, domains or retries: the caller decides what a verdict
  * means for the work left.
  */
-import type { Socket } from 'node:net';
 import type { Readable } from 'node:stream';
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import { connectionLog } from './log';
 import type { RouteAuth } from './options';
-import { offers, peerOpen, rcptsSent, recordLmtpReplies, serverSizeLimit, socketOf, type EnvelopeRecord, type LmtpReply } from './smtp-internals';
-import { decideVerdicts, type MessageProgress, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
+import {
+  MessageHandover,
+  offers,
+  peerOpen,
+  rcptsSent,
+  recordLmtpReplies,
+  serverSizeLimit,
+  socketOf,
+  type EnvelopeRecord,
+  type LmtpReply,
+} from './smtp-internals';
+import { decideVerdicts, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
 
 export type { RecipientReply, RecipientVerdict } from './verdicts';
 
@@ -382,89 +391,4 @@ function rcptRefusals(state: EnvelopeRecord): Map<string, ServerReply> {
 function replyCode(response: string | undefined): number | undefined {
   const match = response ? /^\d{3}/.exec(response) : null;
   return match ? Number(match[0]) : undefined;
-}
-
-/** Chunks the message is written in, so that a large one is never copied whole by the dot-stuffing stream. */
-const WRITE_CHUNK = 64 * 1024;
-
-/** How long a failed transaction waits for the socket to say whether the final dot left. */
-const FLUSH_VERDICT_MS = 1_000;
-
-/**
- * The message for one transaction, in the shape SMTPConnection reads a stream: it pipes it only
- * after the server answered DATA with 354. The bytes go out in chunks as the socket takes them
- * (back-pressure end to end), and `progress()` tells how far they got: a write queued behind the
- * final dot completes only once the dot has left the process.
- */
-class MessageHandover {
-  private started = false;
-  private dotFlushed: Promise<boolean> | undefined;
-
-  constructor(
-    private readonly bytes: Buffer,
-    private readonly socket: Socket | undefined,
-  ) {}
-
-  pipe<T extends NodeJS.WritableStream>(destination: T): T {
-    this.started = true;
-    const socket = this.socket;
-    // A small message and its final dot leave in one write: corked for this turn only, so a full
-    // socket buffer can never hold the rest of the message back.
-    if (socket && !socket.writableCorked && this.bytes.length < socket.writableHighWaterMark) {
-      socket.cork();
-      setImmediate(() => socket.uncork());
-    }
-    // 'end' comes once the stream handed its last bytes, the final dot, to the socket.
-    destination.once('end', () => {
-      this.dotFlushed = new Promise((resolve) => {
-        if (!socket || socket.destroyed) resolve(false);
-        else socket.write(EMPTY, (err) => resolve(!err));
-      });
-    });
-    writeInChunks(destination, this.bytes);
-    return destination;
-  }
-
-  /** How far the message got; asked once the transaction ended without a reply to the dot. */
-  async progress(): Promise<MessageProgress> {
-    if (!this.started) return 'none';
-    if (!this.dotFlushed) return 'partial';
-    // A socket that says nothing in time: the dot may have left, so the cautious answer.
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), FLUSH_VERDICT_MS)));
-    const flushed = await Promise.race([this.dotFlushed, timeout]);
-    clearTimeout(timer);
-    return flushed ? 'sent' : 'partial';
-  }
-
-  // SMTPConnection listens for a stream error and destroys the stream on teardown: nothing to do here.
-  on(): this {
-    return this;
-  }
-
-  removeListener(): this {
-    return this;
-  }
-
-  destroy(): void {}
-}
-
-const EMPTY = Buffer.alloc(0);
-
-/** Writes bytes in chunks, each after the destination took the last, then ends it. */
-function writeInChunks(destination: NodeJS.WritableStream, bytes: Buffer): void {
-  let offset = 0;
-  const next = (): void => {
-    while (offset < bytes.length) {
-      const end = Math.min(offset + WRITE_CHUNK, bytes.length);
-      const more = destination.write(bytes.subarray(offset, end));
-      offset = end;
-      if (!more) {
-        destination.once('drain', next);
-        return;
-      }
-    }
-    destination.end();
-  };
-  next();
 }

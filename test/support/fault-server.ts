@@ -67,6 +67,8 @@ export interface FaultTransaction {
   rcptAttempts: string[];
   /** Recipients the server accepted at RCPT. */
   rcptAccepted: string[];
+  /** The server answered DATA with 354: message bytes may have reached its socket from then on. */
+  dataStarted: boolean;
   /** The final dot arrived: the server has the message, whatever happened to its reply. */
   received: boolean;
   /** The reply the server sent to the final dot (250 = accepted), undefined when it sent none. */
@@ -359,6 +361,7 @@ export class FaultServer {
           from: address.address,
           rcptAttempts: [],
           rcptAccepted: [],
+          dataStarted: false,
           received: false,
           delivered: false,
           faults: [],
@@ -424,6 +427,7 @@ export class FaultServer {
           return;
         }
         const fault = plan().data?.(ctx);
+        transaction.dataStarted = true;
         // Message-ID and Subject from the header block, as soon as it has arrived.
         let head = '';
         const noteHeaders = (chunk: Buffer): void => {

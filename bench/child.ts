@@ -24,6 +24,7 @@ import {
   type RunSpec,
   type Send,
 } from './common';
+import { mixMail } from './mix';
 import { smtpConnectionLoop, type LoopOutcome } from './smtp-loop';
 
 const RAW = buildRawMessage();
@@ -51,7 +52,8 @@ interface Candidate {
 
 function mailFor(spec: RunSpec, send: Send, i: number, to = send.to): SendMailOptions {
   if (spec.message === 'raw') return { envelope: { from: SENDER, to }, raw: RAW };
-  const mail: SendMailOptions = { from: SENDER, to: send.to, subject: `benchmark message ${i}`, text: COMPOSED_TEXT };
+  const mail: SendMailOptions =
+    spec.message === 'mix' ? mixMail(i, SENDER, send.to) : { from: SENDER, to: send.to, subject: `benchmark message ${i}`, text: COMPOSED_TEXT };
   // A per-domain caller keeps the headers and narrows the envelope.
   if (to !== send.to) mail.envelope = { from: SENDER, to };
   return mail;
@@ -267,7 +269,8 @@ async function main(): Promise<void> {
     peakRssMiB: process.resourceUsage().maxRSS / 1024,
     connections,
     ...(candidate.ownConnections && { ownConnections: candidate.ownConnections() }),
-    messageBytes: spec.message === 'raw' ? RAW.length : await composedSize(spec),
+    // The mix's sizes are the parent's to add up (bench/mix.ts mixVariantSizes).
+    messageBytes: spec.message === 'raw' ? RAW.length : spec.message === 'mix' ? 0 : await composedSize(spec),
   };
   process.stdout.write(RESULT_PREFIX + JSON.stringify(result) + '\n');
   // Nodemailer's pool closes its sockets in the background; do not wait for them.

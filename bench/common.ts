@@ -2,6 +2,7 @@
  * What the benchmark parent and its child processes share: scenario definitions, the workload
  * (which message goes to which recipients), the prebuilt raw message, and small helpers.
  */
+import type { SendMailOptions } from 'nodemailer';
 
 /** Every candidate the harness knows. */
 export type CandidateName =
@@ -31,7 +32,8 @@ export type Shape =
   /** One message to 1 000 recipients over 50 domains (20 each). */
   | 'fanout';
 
-export type MessageKind = 'raw' | 'composed';
+/** raw: the prebuilt 650-byte message; composed: Nodemailer builds ~670 bytes from text; mix: bench/mix.ts's realistic sizes and attachments. */
+export type MessageKind = 'raw' | 'composed' | 'mix';
 
 export interface Scenario {
   name: string;
@@ -121,6 +123,18 @@ export const SCENARIOS: Scenario[] = [
     target: false,
   },
   {
+    name: 'real-mix',
+    title: 'one domain, 5 connections, no limit, a realistic mix of composed messages (5 KiB–10 MiB, attachments)',
+    measures:
+      'real mail: text + HTML composed by Nodemailer, 70 % 5–20 KiB, 25 % 20–200 KiB with an attachment, 5 % 1–10 MiB with 1–3 attachments (bench/mix.ts); msg/s and MB/s',
+    shape: 'one-domain',
+    message: 'mix',
+    limit: 0,
+    candidates: ['binding-pool', 'binding-pool-thread', 'nodemailer-pool', 'noop-transport'],
+    sends: { full: 3_500, quick: 350 },
+    target: false,
+  },
+  {
     name: 'many-domains',
     title: '100 domains × 2 bindings, one recipient per message (raw)',
     measures: '200 (binding, domain) pools at once; Nodemailer: one pool (no bindings, baseline) and a Map of 200 pools with localAddress',
@@ -149,6 +163,28 @@ export const MEMORY_SCENARIO = {
   title: 'N distinct domains (10 000; 1 000 quick), one message each, then idle',
   measures: 'memory held per live pool and what is left per pool after they are dropped for idleness',
 };
+
+export const BIG_QUEUE_SCENARIO = {
+  name: 'big-queue',
+  title: '200 sendMail calls at once, each with one 20 MiB attachment, one domain',
+  measures: 'memory of a queue of large messages: peak RSS, heapUsed, external and arrayBuffers while every send waits its turn',
+};
+
+const BIG_QUEUE_TEXT = 'Hello,\n\nthe report you asked for is attached.\n\nRegards,\nExample Sender\n';
+const BIG_QUEUE_HTML =
+  '<!DOCTYPE html><html><body><p>Hello,</p><p>the report you asked for is <b>attached</b>.</p><p>Regards,<br>Example Sender</p></body></html>';
+
+/** A big-queue message: short text and HTML, one attachment given by path or as a (shared) Buffer. */
+export function bigQueueMail(i: number, attachment: { path: string } | { content: Buffer }): SendMailOptions {
+  return {
+    from: SENDER,
+    to: [`u${i}@example.com`],
+    subject: `Report ${i}`,
+    text: BIG_QUEUE_TEXT,
+    html: BIG_QUEUE_HTML,
+    attachments: [{ filename: 'report.bin', contentType: 'application/octet-stream', ...attachment }],
+  };
+}
 
 /** What the parent asks a child to run. */
 export interface RunSpec {

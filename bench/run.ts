@@ -2,23 +2,42 @@
  * Benchmark harness: starts an SMTP sink on loopback, runs every candidate of every chosen
  * scenario ALTERNATELY (A B C D, A B C D, …) for a number of rounds, each round in a fresh child
  * process, and prints per scenario the median rate, the ratio to Nodemailer's pool, CPU time, peak
- * RSS and connections opened. Then the memory scenario, and optionally a CPU profile.
+ * RSS and connections opened. Then the memory scenario, the big-queue scenario when named, and
+ * optionally a CPU profile.
  *
  *   npm run bench                         all scenarios, full counts, 5 rounds
  *   BENCH_QUICK=1 npm run bench           small counts, 2 rounds
  *   npm run bench -- one-domain limit-100 chosen scenarios (or BENCH_SCENARIOS=a,b)
  *   npm run bench -- --sends 5000 --rounds 7 --window 200 --md out.md --profile
+ *   npm run bench -- real-mix             the realistic size mix (bench/mix.ts)
+ *   npm run bench -- big-queue            200 queued 20 MiB messages, memory (only when named)
  *
  * See bench/README.md.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync, mkdtempSync, readdirSync } from 'node:fs';
+import { readFileSync, writeFileSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import type { Readable } from 'node:stream';
+import nodemailer from 'nodemailer';
 import os from 'node:os';
 import path from 'node:path';
-import { BASELINE, MEMORY_SCENARIO, RESULT_PREFIX, SCENARIOS, median, type CandidateName, type RunResult, type RunSpec, type Scenario } from './common';
+import {
+  BASELINE,
+  BIG_QUEUE_SCENARIO,
+  MEMORY_SCENARIO,
+  RESULT_PREFIX,
+  SCENARIOS,
+  bigQueueMail,
+  median,
+  type CandidateName,
+  type RunResult,
+  type RunSpec,
+  type Scenario,
+} from './common';
 import { startSink, type Sink } from './sink';
 import { compareProfiles, formatProfileSummary, summarizeProfile, type CpuProfile, type NamedSummary } from './cpuprofile';
 import type { MemoryResult, MemorySpec } from './memory';
+import type { BigQueueCandidate, BigQueueResult, BigQueueSpec } from './big-queue';
+import { MIX_CLASSES, MIX_DESCRIPTION, mixTotals, mixVariantSizes } from './mix';
 
 interface Settings {
   scenarios: string[];
@@ -32,7 +51,19 @@ interface Settings {
   memoryDomains: number;
   memoryIdleMs: number;
   childTimeoutMs: number;
+  big: {
+    count: number;
+    attachment: 'path' | 'buffer';
+    mib: number;
+    rssLimitMiB: number;
+    deadlineS: number;
+    candidates: BigQueueCandidate[];
+    /** > 0: a sink of its own that waits this many seconds before answering DATA (smtp-sink -w): a slow receiver. */
+    sinkWaitS: number;
+  };
 }
+
+const BIG_QUEUE_CANDIDATES: BigQueueCandidate[] = ['binding-pool', 'binding-pool-thread', 'nodemailer-pool'];
 
 function parseSettings(argv: string[]): Settings {
   const env = process.env;
@@ -65,8 +96,25 @@ function parseSettings(argv: string[]): Settings {
     // 0: long enough that every pool is still live when the sends end (sized from the warm-up's rate).
     memoryIdleMs: int(flag('memory-idle') ?? env.BENCH_MEMORY_IDLE_MS, 0),
     childTimeoutMs: int(env.BENCH_CHILD_TIMEOUT_MS, 180_000),
+    big: {
+      count: int(flag('big-count') ?? env.BENCH_BIG_COUNT, quick ? 20 : 200),
+      attachment: (flag('big-attach') ?? env.BENCH_BIG_ATTACH ?? 'path') as 'path' | 'buffer',
+      mib: int(flag('big-mib') ?? env.BENCH_BIG_MIB, 20),
+      // ~8 GiB, or 60 % of the machine's memory when it has less than ~13 GiB.
+      rssLimitMiB: int(flag('big-rss-limit') ?? env.BENCH_BIG_RSS_LIMIT_MIB, Math.min(8192, Math.floor((os.totalmem() / 2 ** 20) * 0.6))),
+      deadlineS: int(flag('big-deadline') ?? env.BENCH_BIG_DEADLINE_S, 300),
+      sinkWaitS: int(flag('big-sink-wait') ?? env.BENCH_BIG_SINK_WAIT_S, 0),
+      candidates: (flag('big-candidates') ?? env.BENCH_BIG_CANDIDATES ?? 'binding-pool,nodemailer-pool')
+        .split(',')
+        .map((c) => c.trim())
+        .filter(Boolean) as BigQueueCandidate[],
+    },
     scenarios: [],
   };
+  if (!['path', 'buffer'].includes(settings.big.attachment)) throw new Error(`--big-attach must be path or buffer, got ${settings.big.attachment}`);
+  for (const c of settings.big.candidates) {
+    if (!BIG_QUEUE_CANDIDATES.includes(c)) throw new Error(`unknown big-queue candidate ${JSON.stringify(c)}; known: ${BIG_QUEUE_CANDIDATES.join(', ')}`);
+  }
   const named = argv.filter((a) => !a.startsWith('--'));
   const fromEnv = env.BENCH_SCENARIOS
     ? env.BENCH_SCENARIOS.split(',')
@@ -75,19 +123,37 @@ function parseSettings(argv: string[]): Settings {
     : [];
   const chosen = named.length > 0 ? named : fromEnv;
   const all = [...SCENARIOS.map((s) => s.name), MEMORY_SCENARIO.name];
-  settings.scenarios = chosen.length === 0 || chosen.includes('all') ? all : chosen.filter((name) => name !== 'profile');
+  // big-queue takes several GiB: it runs only when named.
+  const known = [...all, BIG_QUEUE_SCENARIO.name];
+  settings.scenarios =
+    chosen.length === 0 || chosen.includes('all')
+      ? [...all, ...chosen.filter((name) => name === BIG_QUEUE_SCENARIO.name)]
+      : chosen.filter((name) => name !== 'profile');
   // `profile` as a name runs only the profile (with others, like --profile, it comes last).
   if (chosen.includes('profile')) settings.profile = true;
   for (const name of settings.scenarios) {
-    if (!all.includes(name)) throw new Error(`unknown scenario ${JSON.stringify(name)}; known: ${[...all, 'profile'].join(', ')}`);
+    if (!known.includes(name)) throw new Error(`unknown scenario ${JSON.stringify(name)}; known: ${[...known, 'profile'].join(', ')}`);
   }
   return settings;
 }
 
 const childScript = (name: string): string => path.join(__dirname, name);
 
-/** Runs a child script and returns its stdout lines; rejects on a non-zero exit or timeout. */
-function runChild(script: string, args: string[], nodeFlags: string[], timeoutMs: number): Promise<string[]> {
+/** The resident set of a process, bytes, from /proc (undefined when it cannot be read). */
+function rssOf(pid: number): number | undefined {
+  try {
+    const match = /^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return match ? Number(match[1]) * 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Runs a child script and returns its stdout lines; rejects on a non-zero exit or timeout. With
+ * `rssKillBytes`, the child's RSS is watched (every 200 ms) and the child killed past it.
+ */
+function runChild(script: string, args: string[], nodeFlags: string[], timeoutMs: number, rssKillBytes?: number): Promise<string[]> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [...nodeFlags, childScript(script), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
@@ -98,8 +164,19 @@ function runChild(script: string, args: string[], nodeFlags: string[], timeoutMs
       stderr += `\n(killed after ${timeoutMs} ms)`;
       child.kill('SIGKILL');
     }, timeoutMs);
+    const watchdog =
+      rssKillBytes === undefined || child.pid === undefined
+        ? undefined
+        : setInterval(() => {
+            const rss = rssOf(child.pid!);
+            if (rss !== undefined && rss > rssKillBytes) {
+              stderr += `\n(killed by the parent's RSS guard at ${Math.round(rss / 2 ** 20)} MiB)`;
+              child.kill('SIGKILL');
+            }
+          }, 200);
     child.once('exit', (code, signal) => {
       clearTimeout(timer);
+      if (watchdog) clearInterval(watchdog);
       if (code === 0) resolve(stdout.split('\n'));
       else reject(new Error(`${script} exited with ${code ?? signal}: ${stderr.trim().split('\n').slice(-5).join(' | ')}`));
     });
@@ -117,7 +194,30 @@ function sendsFor(scenario: Scenario, settings: Settings): number {
   return settings.quick ? scenario.sends.quick : scenario.sends.full;
 }
 
-async function runScenario(scenario: Scenario, settings: Settings, sink: Sink): Promise<Map<CandidateName, Round[]>> {
+/** The real-mix workload of one round, added up from the composed size of each variant (bench/mix.ts). */
+interface MixFigures {
+  /** Composed bytes of the measured sends (every send accepted). */
+  bytes: number;
+  perClass: number[];
+  line: string;
+}
+
+async function mixFigures(sends: number): Promise<MixFigures> {
+  const sizes = await mixVariantSizes();
+  const { bytes, perClass } = mixTotals(sends, sizes);
+  const kib = (b: number): string => (b / 1024).toFixed(1);
+  const classes = MIX_CLASSES.map((c, k) => {
+    const row = sizes[k];
+    return `${perClass[k]} ${c.name} (${kib(Math.min(...row))}–${kib(Math.max(...row))} KiB)`;
+  });
+  const line = `mix per round: ${classes.join(', ')}; ${(bytes / 1e6).toFixed(1)} MB composed, mean ${kib(bytes / sends)} KiB per message`;
+  return { bytes, perClass, line };
+}
+
+/** MB/s (10^6 bytes) of one round of the mix: its composed bytes in proportion to the recipients accepted. */
+const roundMBps = (result: RunResult, mix: MixFigures): number => (mix.bytes * (result.accepted / Math.max(1, result.expected))) / result.ms / 1000;
+
+async function runScenario(scenario: Scenario, settings: Settings, sink: Sink, mix?: MixFigures): Promise<Map<CandidateName, Round[]>> {
   const sends = sendsFor(scenario, settings);
   const warmupSends = scenario.shape === 'fanout' ? 1 : Math.min(1_000, Math.max(50, Math.floor(sends / 10)));
   const window = scenario.window === 'all' ? sends : settings.window;
@@ -126,6 +226,7 @@ async function runScenario(scenario: Scenario, settings: Settings, sink: Sink): 
   console.log(
     `    ${sends} sends per round (+${warmupSends} warm-up on a separate instance), window ${window === sends ? 'all' : window}, ${settings.rounds} rounds, candidates alternate`,
   );
+  if (mix) console.log(`    ${mix.line}`);
   for (let round = 1; round <= settings.rounds; round++) {
     const line: string[] = [];
     for (const candidate of scenario.candidates) {
@@ -154,7 +255,7 @@ async function runScenario(scenario: Scenario, settings: Settings, sink: Sink): 
         );
       }
       rounds.get(candidate)!.push({ result, sinkSessions: after.sessions - before.sessions, sinkMessages: after.messages - before.messages });
-      line.push(`${candidate} ${Math.round(result.rate)}`);
+      line.push(`${candidate} ${Math.round(result.rate)}${mix ? ` (${roundMBps(result, mix).toFixed(1)} MB/s)` : ''}`);
     }
     console.log(`    round ${round}: ${line.join('  ')}  (${unit(scenario)})`);
   }
@@ -170,6 +271,8 @@ interface Row {
   max: number;
   ratio: number;
   ratioToNoop: number;
+  /** real-mix: median MB/s. */
+  mbps?: number;
   cpuMs: number;
   cpuUsPerRcpt: number;
   rssMiB: number;
@@ -178,7 +281,7 @@ interface Row {
   failures: number;
 }
 
-function tabulate(scenario: Scenario, rounds: Map<CandidateName, Round[]>): Row[] {
+function tabulate(scenario: Scenario, rounds: Map<CandidateName, Round[]>, mix?: MixFigures): Row[] {
   const medianRate = (c: CandidateName): number => median((rounds.get(c) ?? []).map((r) => r.result.rate));
   const baseline = medianRate(BASELINE);
   const noop = medianRate('noop-transport');
@@ -203,6 +306,7 @@ function tabulate(scenario: Scenario, rounds: Map<CandidateName, Round[]>): Row[
       max: Math.max(...rates),
       ratio: medianRate(candidate) / baseline,
       ratioToNoop: medianRate(candidate) / noop,
+      ...(mix && { mbps: median(list.map((r) => roundMBps(r.result, mix))) }),
       cpuMs: median(cpu),
       cpuUsPerRcpt: median(list.map((r) => ((r.result.cpuUserMs + r.result.cpuSystemMs) * 1000) / Math.max(1, r.result.accepted))),
       rssMiB: median(list.map((r) => r.result.peakRssMiB)),
@@ -213,12 +317,13 @@ function tabulate(scenario: Scenario, rounds: Map<CandidateName, Round[]>): Row[
   });
 }
 
-function formatTable(scenario: Scenario, rows: Row[], sends: number, messageBytes: number): string {
+function formatTable(scenario: Scenario, rows: Row[], sends: number, messageBytes: number, mix?: MixFigures): string {
   const u = unit(scenario);
   const header = [
     `candidate`,
     `median ${u}`,
     `min–max`,
+    ...(mix ? ['median MB/s'] : []),
     `× ${BASELINE}`,
     `× noop`,
     `CPU ms`,
@@ -232,6 +337,7 @@ function formatTable(scenario: Scenario, rows: Row[], sends: number, messageByte
     r.candidate,
     fmt(r.rate),
     `${fmt(r.min)}–${fmt(r.max)}`,
+    ...(mix ? [(r.mbps ?? NaN).toFixed(1)] : []),
     r.ratio.toFixed(2),
     Number.isFinite(r.ratioToNoop) ? r.ratioToNoop.toFixed(2) : 'n/a',
     fmt(r.cpuMs),
@@ -244,7 +350,9 @@ function formatTable(scenario: Scenario, rows: Row[], sends: number, messageByte
   const lines = [
     `#### ${scenario.name} — ${scenario.title}`,
     '',
-    `${sends} sends × ${scenario.shape === 'fanout' ? '1 000 recipients' : '1 recipient'}, ${scenario.message} ${messageBytes}-byte message, limit ${scenario.limit || 'none'}. Medians over the rounds.`,
+    mix
+      ? `${sends} sends × 1 recipient, composed by Nodemailer: ${MIX_DESCRIPTION}; ${mix.line}. MB = 10^6 bytes of composed message. Limit ${scenario.limit || 'none'}. Medians over the rounds.`
+      : `${sends} sends × ${scenario.shape === 'fanout' ? '1 000 recipients' : '1 recipient'}, ${scenario.message} ${messageBytes}-byte message, limit ${scenario.limit || 'none'}. Medians over the rounds.`,
     '',
     `| ${header.join(' | ')} |`,
     `|${header.map(() => '---').join('|')}|`,
@@ -266,8 +374,10 @@ function machine(): string {
   return `nproc ${os.availableParallelism?.() ?? os.cpus().length}, ${cpuModel}, Node ${process.version}, ${os.type()} ${os.release()}, ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB RAM`;
 }
 
-/** The commit measured, and lib/ files changed since it (benchmarks of uncommitted code say so). */
+/** The commit measured, and lib/ files changed since it (benchmarks of uncommitted code say so); BENCH_CODE overrides. */
 function codeState(): string {
+  // A copy of the tree outside git (say, a commit's lib/ built elsewhere) can name itself.
+  if (process.env.BENCH_CODE) return process.env.BENCH_CODE;
   const root = path.join(__dirname, '..', '..');
   const git = (...args: string[]): string => spawnSync('git', args, { cwd: root, encoding: 'utf8' }).stdout?.trimEnd() ?? '';
   const head = git('rev-parse', '--short', 'HEAD') || 'unknown commit';
@@ -340,6 +450,149 @@ function formatMemory(r: MemoryResult, spec: MemorySpec): string {
   return lines.join('\n');
 }
 
+/** Composed size of one big-queue message (composed once, through Nodemailer's stream transport). */
+async function bigQueueMessageBytes(attachment: { path: string } | { content: Buffer }): Promise<number> {
+  const info = await nodemailer.createTransport({ streamTransport: true, buffer: false }).sendMail(bigQueueMail(0, attachment));
+  let n = 0;
+  for await (const chunk of info.message as unknown as Readable) n += (chunk as Buffer).length;
+  return n;
+}
+
+async function runBigQueue(settings: Settings, mainSink: Sink): Promise<string> {
+  const big = settings.big;
+  const sink =
+    big.sinkWaitS > 0 ? await startSink({ maxSessions: 1000, prefer: 'smtp-sink', install: false, extraArgs: ['-w', String(big.sinkWaitS)] }) : mainSink;
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'bench-big-queue-'));
+  const file = path.join(dir, `attachment-${big.mib}MiB.bin`);
+  const attachmentBytes = big.mib * 2 ** 20;
+  const rssLimit = big.rssLimitMiB * 2 ** 20;
+  const results: { candidate: BigQueueCandidate; result?: BigQueueResult; error?: string; sinkMessages: number; sinkSessions: number }[] = [];
+  try {
+    // Pseudo-random (incompressible) bytes, written once; in 'buffer' mode each child makes its own Buffer of the same size.
+    const data = Buffer.allocUnsafe(attachmentBytes);
+    for (let o = 0, x = 0x2545f491; o < data.length; o += 4) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      data.writeInt32LE(x | 0, o);
+    }
+    writeFileSync(file, data);
+    const messageBytes = await bigQueueMessageBytes({ path: file });
+    const how = big.attachment === 'path' ? `attached by path (${file}; Nodemailer streams it)` : 'attached as one Buffer shared by every message';
+    console.log(`\n=== ${BIG_QUEUE_SCENARIO.name}: ${big.count} sendMail calls at once, each with one ${big.mib} MiB attachment, one domain`);
+    console.log(
+      `    attachment ${how}; composed message ${(messageBytes / 2 ** 20).toFixed(1)} MiB; ${CONNECTIONS_NOTE}; sink: ${sink.command}; guard: abandon past ${big.rssLimitMiB} MiB RSS (parent kills at +512 MiB), deadline ${big.deadlineS} s; one run per candidate`,
+    );
+    for (const candidate of big.candidates) {
+      const spec: BigQueueSpec = {
+        candidate,
+        host: sink.host,
+        port: sink.port,
+        count: big.count,
+        attachment: big.attachment,
+        file,
+        attachmentBytes,
+        rssLimit,
+        deadlineMs: big.deadlineS * 1000,
+        sampleMs: 50,
+      };
+      const before = await sink.settledCounters();
+      let result: BigQueueResult | undefined;
+      let error: string | undefined;
+      try {
+        const lines = await runChild('big-queue.js', [JSON.stringify(spec)], [], spec.deadlineMs + 60_000, rssLimit + 512 * 2 ** 20);
+        const resultLine = lines.find((l) => l.startsWith(RESULT_PREFIX));
+        if (!resultLine) throw new Error(`${candidate} printed no result`);
+        result = JSON.parse(resultLine.slice(RESULT_PREFIX.length)) as BigQueueResult;
+      } catch (err) {
+        error = (err as Error).message;
+      }
+      const after = await sink.settledCounters();
+      const entry = { candidate, result, error, sinkSessions: after.sessions - before.sessions, sinkMessages: after.messages - before.messages };
+      results.push(entry);
+      console.log(`    ${bigQueueLine(entry, messageBytes)}`);
+    }
+    return formatBigQueue(settings, results, messageBytes);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+    if (sink !== mainSink) await sink.stop();
+  }
+}
+
+const CONNECTIONS_NOTE = '5 connections (maxOutboundConnections / maxConnections), no limit';
+
+const mibOf = (b: number): string => (b / 2 ** 20).toFixed(0);
+
+function bigQueueLine(entry: { candidate: BigQueueCandidate; result?: BigQueueResult; error?: string; sinkMessages: number }, messageBytes: number): string {
+  const r = entry.result;
+  if (!r) return `${entry.candidate}: failed: ${entry.error}`;
+  const s = r.ms / 1000;
+  return (
+    `${entry.candidate}: ${r.outcome}, ${r.accepted}/${r.count} accepted, ${r.failed} failed${r.firstError ? ` (first: ${r.firstError})` : ''} in ${s.toFixed(1)} s ` +
+    `(${(r.accepted / s).toFixed(1)} msg/s, ${((r.accepted * messageBytes) / 1e6 / s).toFixed(0)} MB/s); peak RSS ${mibOf(r.peak.rss)} MiB at ${(r.peakRssAtMs / 1000).toFixed(1)} s ` +
+    `(maxRSS ${mibOf(r.maxRss)}), heapUsed ${mibOf(r.peak.heapUsed)}, external ${mibOf(r.peak.external)}, arrayBuffers ${mibOf(r.peak.arrayBuffers)} MiB; sink ${entry.sinkMessages} txns`
+  );
+}
+
+function formatBigQueue(
+  settings: Settings,
+  results: { candidate: BigQueueCandidate; result?: BigQueueResult; error?: string; sinkMessages: number; sinkSessions: number }[],
+  messageBytes: number,
+): string {
+  const big = settings.big;
+  const header = [
+    'candidate',
+    'outcome',
+    'accepted',
+    'failed',
+    'duration s',
+    'first accept s',
+    'msg/s',
+    'MB/s',
+    'peak RSS MiB',
+    'maxRSS MiB',
+    'peak heapUsed MiB',
+    'peak heapTotal MiB',
+    'peak external MiB',
+    'peak arrayBuffers MiB',
+    'RSS at start MiB',
+    'sink sess / txns',
+  ];
+  const body = results.map(({ candidate, result: r, error, sinkMessages, sinkSessions }) => {
+    if (!r) return [candidate, `failed: ${error ?? '?'}`, ...header.slice(2, -1).map(() => '-'), `${sinkSessions} / ${sinkMessages}`];
+    const s = r.ms / 1000;
+    return [
+      candidate,
+      r.outcome === 'rss-limit' ? `aborted: RSS > ${big.rssLimitMiB} MiB` : r.outcome === 'deadline' ? `aborted: deadline ${big.deadlineS} s` : 'done',
+      `${r.accepted}/${r.count}`,
+      String(r.failed),
+      s.toFixed(1),
+      r.firstAcceptMs !== undefined ? (r.firstAcceptMs / 1000).toFixed(1) : '-',
+      (r.accepted / s).toFixed(1),
+      ((r.accepted * messageBytes) / 1e6 / s).toFixed(0),
+      mibOf(r.peak.rss),
+      mibOf(r.maxRss),
+      mibOf(r.peak.heapUsed),
+      mibOf(r.peak.heapTotal),
+      mibOf(r.peak.external),
+      mibOf(r.peak.arrayBuffers),
+      mibOf(r.start.rss),
+      `${sinkSessions} / ${sinkMessages}`,
+    ];
+  });
+  return [
+    `#### ${BIG_QUEUE_SCENARIO.name} — ${big.count} sendMail calls at once, one ${big.mib} MiB attachment each`,
+    '',
+    `Each message: short text + HTML and one ${big.mib} MiB attachment (${big.attachment === 'path' ? 'by path' : 'one shared Buffer'}), ${(messageBytes / 2 ** 20).toFixed(1)} MiB composed; one domain, ${CONNECTIONS_NOTE}` +
+      `${big.sinkWaitS > 0 ? `; a slow receiver: the sink waits ${big.sinkWaitS} s before answering each DATA (smtp-sink -w ${big.sinkWaitS})` : ''}. ` +
+      `Peaks are process.memoryUsage() sampled every 50 ms (each field's own maximum); maxRSS is the kernel's peak. A candidate is abandoned past ${big.rssLimitMiB} MiB RSS or after ${big.deadlineS} s.`,
+    '',
+    `| ${header.join(' | ')} |`,
+    `|${header.map(() => '---').join('|')}|`,
+    ...body.map((cells) => `| ${cells.join(' | ')} |`),
+  ].join('\n');
+}
+
 async function runProfile(settings: Settings, sink: Sink): Promise<string> {
   const scenario = SCENARIOS.find((s) => s.name === 'one-domain')!;
   const dir = mkdtempSync(path.join(os.tmpdir(), 'bench-prof-'));
@@ -403,10 +656,11 @@ async function main(): Promise<void> {
     for (const name of settings.scenarios) {
       const scenario = SCENARIOS.find((s) => s.name === name);
       if (!scenario) continue;
-      const rounds = await runScenario(scenario, settings, sink);
-      const rows = tabulate(scenario, rounds);
+      const mix = scenario.message === 'mix' ? await mixFigures(sendsFor(scenario, settings)) : undefined;
+      const rounds = await runScenario(scenario, settings, sink, mix);
+      const rows = tabulate(scenario, rounds, mix);
       const bytes = rounds.get(scenario.candidates[0])![0].result.messageBytes;
-      const table = formatTable(scenario, rows, sendsFor(scenario, settings), bytes);
+      const table = formatTable(scenario, rows, sendsFor(scenario, settings), bytes, mix);
       console.log('\n' + table);
       report.push(table);
       const ceiling = rows.find((r) => r.candidate === 'two-thread-ceiling');
@@ -419,6 +673,11 @@ async function main(): Promise<void> {
       const memory = await runMemory(settings, sink);
       console.log('\n' + memory);
       report.push(memory);
+    }
+    if (settings.scenarios.includes(BIG_QUEUE_SCENARIO.name)) {
+      const bigQueue = await runBigQueue(settings, sink);
+      console.log('\n' + bigQueue);
+      report.push(bigQueue);
     }
     if (settings.profile) report.push(await runProfile(settings, sink));
   } finally {

@@ -137,6 +137,8 @@ export interface SinkOptions {
   /** Force a kind (BENCH_SINK). */
   prefer?: 'smtp-sink' | 'smtp-server';
   install?: boolean;
+  /** More smtp-sink flags (say `-w 30`, a slow receiver); the smtp-server fallback refuses them. */
+  extraArgs?: string[];
 }
 
 export async function startSink(options: SinkOptions = {}): Promise<Sink> {
@@ -147,7 +149,7 @@ export async function startSink(options: SinkOptions = {}): Promise<Sink> {
     if (!binary && options.install !== false && installPostfix()) binary = findSmtpSink();
     if (binary) {
       const port = await freePort(host);
-      const args = ['-c', '-u', 'nobody', '-m', String(maxSessions), '-h', 'sink.test', `${host}:${port}`, '1024'];
+      const args = ['-c', '-u', 'nobody', '-m', String(maxSessions), '-h', 'sink.test', ...(options.extraArgs ?? []), `${host}:${port}`, '1024'];
       const child = spawn(binary, args, { stdio: ['ignore', 'pipe', 'pipe'] });
       child.stderr!.on('data', (chunk: Buffer) => process.stderr.write(`[smtp-sink] ${chunk.toString()}`));
       try {
@@ -161,6 +163,7 @@ export async function startSink(options: SinkOptions = {}): Promise<Sink> {
       console.log('smtp-sink not available; falling back to a separate-process smtp-server sink');
     }
   }
+  if (options.extraArgs?.length) throw new Error(`smtp-sink is needed for ${options.extraArgs.join(' ')} (the smtp-server fallback has no such option)`);
   const port = await freePort(host);
   const script = path.join(__dirname, 'sink-server.js');
   const child = spawn(process.execPath, [script, host, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] });

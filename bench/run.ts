@@ -594,7 +594,8 @@ function formatBigQueue(
 }
 
 async function runProfile(settings: Settings, sink: Sink): Promise<string> {
-  const scenario = SCENARIOS.find((s) => s.name === 'one-domain')!;
+  // BENCH_PROFILE_SCENARIO=real-mix profiles another scenario.
+  const scenario = SCENARIOS.find((s) => s.name === (process.env.BENCH_PROFILE_SCENARIO ?? 'one-domain'))!;
   const dir = mkdtempSync(path.join(os.tmpdir(), 'bench-prof-'));
   const sends = sendsFor(scenario, settings);
   const warmupSends = Math.min(500, Math.floor(sends / 10));
@@ -623,7 +624,7 @@ async function runProfile(settings: Settings, sink: Sink): Promise<string> {
     profiles.push({ name: candidate, summary, units: sends + warmupSends });
   }
   const text = [
-    `#### CPU profile — one-domain, raw, ${sends} sends (+${warmupSends} warm-up) per candidate`,
+    `#### CPU profile — ${scenario.name}, ${sends} sends (+${warmupSends} warm-up) per candidate`,
     '',
     `Profiles in ${dir}/<candidate>/ (open in Chrome DevTools or speedscope).`,
     '',

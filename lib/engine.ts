@@ -19,6 +19,7 @@ import { Router } from './routing';
 export interface MessageJob {
   sender: SenderName;
   envelope: TransactionEnvelope;
+  /** The message in wire form (message-bytes.ts toWireForm): dot-stuffed, CRLF line ends. */
   message: Buffer;
   /** Recipients by destination domain (already checked and de-duplicated). */
   domains: [domain: string, recipients: Recipient[]][];

@@ -91,3 +91,73 @@ function readStream(stream: Readable): Promise<Buffer> {
     stream.once('end', () => resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, length)));
   });
 }
+
+const CR_BYTE = 0x0d;
+const LF_BYTE = 0x0a;
+const DOT_BYTE = 0x2e;
+const INSERT_CR = Buffer.from('\r');
+const INSERT_LF = Buffer.from('\n');
+const INSERT_DOT = Buffer.from('.');
+const INSERT_LF_DOT = Buffer.from('\n.');
+
+/**
+ * True when the bytes are their own wire form: the DataStream would pass them unchanged (no bare
+ * CR or LF, no line that starts with a dot) and they end in CRLF. Scans line ends only.
+ */
+export function isWireForm(bytes: Buffer): boolean {
+  const n = bytes.length;
+  if (n < 2 || bytes[n - 2] !== CR_BYTE || bytes[n - 1] !== LF_BYTE || bytes[0] === DOT_BYTE) return false;
+  for (let at = bytes.indexOf(CR_BYTE); at !== -1; at = bytes.indexOf(CR_BYTE, at + 2)) if (bytes[at + 1] !== LF_BYTE) return false;
+  for (let at = bytes.indexOf(LF_BYTE); at !== -1; at = bytes.indexOf(LF_BYTE, at + 1)) {
+    if (bytes[at - 1] !== CR_BYTE || bytes[at + 1] === DOT_BYTE) return false;
+  }
+  return true;
+}
+
+/** A message's wire form, and its size as RFC 1870 counts it for SIZE= (CRLF line ends, no doubled dots). */
+export interface WireForm {
+  wire: Buffer;
+  size: number;
+}
+
+/**
+ * The message as it goes on the wire after DATA, without the final dot: what Nodemailer's
+ * DataStream would write (bare CR and bare LF become CRLF, a dot that starts a line is doubled),
+ * ending in CRLF. Done once per message, where the message is built, so that every domain and
+ * retry sends it without the DataStream's byte-by-byte scan (smtp-internals.ts MessageHandover).
+ * Most composed messages need it (text parts keep the application's bare LFs); one that is its
+ * own wire form already comes back as it is. Only line ends are visited (Buffer#indexOf).
+ */
+export function toWireForm(bytes: Buffer): WireForm {
+  if (isWireForm(bytes)) return { wire: bytes, size: bytes.length };
+  const parts: Buffer[] = [];
+  let from = 0;
+  let doubledDots = 0;
+  const insert = (at: number, what: Buffer): void => {
+    if (at > from) parts.push(bytes.subarray(from, at));
+    parts.push(what);
+    from = at;
+    if (what === INSERT_DOT || what === INSERT_LF_DOT) doubledDots++;
+  };
+  if (bytes[0] === DOT_BYTE) insert(0, INSERT_DOT);
+  let cr = bytes.indexOf(CR_BYTE);
+  let lf = bytes.indexOf(LF_BYTE);
+  while (cr !== -1 || lf !== -1) {
+    if (lf === -1 || (cr !== -1 && cr < lf)) {
+      // A CR_BYTE not followed by LF_BYTE gets one; a dot after it then starts a line.
+      const next = cr + 1;
+      if (next < bytes.length && bytes[next] !== LF_BYTE) insert(next, bytes[next] === DOT_BYTE ? INSERT_LF_DOT : INSERT_LF);
+      cr = bytes.indexOf(CR_BYTE, next);
+    } else {
+      if (bytes[lf - 1] !== CR_BYTE) insert(lf, INSERT_CR);
+      if (bytes[lf + 1] === DOT_BYTE) insert(lf + 1, INSERT_DOT);
+      lf = bytes.indexOf(LF_BYTE, lf + 1);
+    }
+  }
+  if (from < bytes.length) parts.push(bytes.subarray(from));
+  // The end the DataStream gives before its final dot: a line break.
+  const last = bytes[bytes.length - 1];
+  if (last !== LF_BYTE) parts.push(last === CR_BYTE ? INSERT_LF : CRLF);
+  const wire = Buffer.concat(parts);
+  return { wire, size: wire.length - doubledDots };
+}

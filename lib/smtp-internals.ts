@@ -14,9 +14,8 @@
  *   records `accepted`, `rejectedErrors` (RCPT replies) and `rcptQueue` (RCPTs not yet sent);
  * - the message: `send()` pipes a stream into its dot-stuffing DataStream only after DATA was
  *   answered 354, and that DataStream is piped into `_socket` with `end: false`; its `_flush`
- *   writes `.\r\n` after a chunk that ended in LF. A message that needs no dot-stuffing is
- *   written to the socket directly, and only its final CRLF through the DataStream (see
- *   MessageHandover).
+ *   writes `.\r\n` after a chunk that ended in LF. A message already in wire form is written
+ *   to the socket directly, and only its final CRLF through the DataStream (see MessageHandover).
  * When a field is missing (another Nodemailer version), each helper falls back to the cautious
  * answer: a connection is not reused, no extension is assumed, no reply is recorded.
  */
@@ -107,10 +106,12 @@ const FLUSH_VERDICT_MS = 1_000;
  * (back-pressure end to end), and `progress()` tells how far they got: a write queued behind the
  * final dot completes only once the dot has left the process.
  *
- * Most messages need no change on the wire (CRLF line ends, no line that starts with a dot):
- * those skip the DataStream's byte-by-byte scan, which costs about 2 ns a byte, more than
- * anything else per message for real-sized mail. They go to the socket directly, all but their
- * final CRLF, which goes through the DataStream so that it adds the final dot after it.
+ * The bytes are the message's wire form (message-bytes.ts toWireForm: dot-stuffed, CRLF line
+ * ends), made once per message. They skip the DataStream's byte-by-byte scan, which costs about
+ * 2 ns a byte, more than anything else per message for real-sized mail: they go to the socket
+ * directly, all but their final CRLF, which goes through the DataStream so that it adds the
+ * final dot after it (and passes it unchanged). Bytes that do not end in CRLF all go through
+ * the DataStream, as SMTPConnection would send them.
  */
 export class MessageHandover {
   private started = false;
@@ -137,7 +138,7 @@ export class MessageHandover {
         else socket.write(EMPTY, (err) => resolve(!err));
       });
     });
-    if (socket && wireReady(this.bytes)) {
+    if (socket && endsWithCrlf(this.bytes)) {
       writeInChunks(socket, this.bytes.subarray(0, this.bytes.length - 2), () => {
         destination.write(CRLF);
         destination.end();
@@ -175,6 +176,10 @@ export class MessageHandover {
 const EMPTY = Buffer.alloc(0);
 
 /** Writes bytes in chunks, each after the destination took the last, then calls `done`. */
+function endsWithCrlf(bytes: Buffer): boolean {
+  return bytes.length >= 2 && bytes[bytes.length - 2] === 0x0d && bytes[bytes.length - 1] === 0x0a;
+}
+
 function writeInChunks(destination: NodeJS.WritableStream, bytes: Buffer, done: () => void): void {
   let offset = 0;
   const next = (): void => {
@@ -192,29 +197,4 @@ function writeInChunks(destination: NodeJS.WritableStream, bytes: Buffer, done: 
   next();
 }
 
-const CR = 0x0d;
-const LF = 0x0a;
-const DOT = 0x2e;
 const CRLF = Buffer.from('\r\n');
-
-/** Whether each message needs no change on the wire, asked once per message (its domains and retries share it). */
-const wireReadyCache = new WeakMap<Buffer, boolean>();
-
-/**
- * True when the DataStream would pass the bytes through unchanged and they end in CRLF: no bare
- * CR or LF, no line that starts with a dot. Scans line ends only (Buffer#indexOf), about four
- * times faster than the DataStream's own scan, and once per message.
- */
-export function wireReady(bytes: Buffer): boolean {
-  let ready = wireReadyCache.get(bytes);
-  if (ready === undefined) wireReadyCache.set(bytes, (ready = scanWireReady(bytes)));
-  return ready;
-}
-
-function scanWireReady(bytes: Buffer): boolean {
-  const n = bytes.length;
-  if (n < 2 || bytes[n - 2] !== CR || bytes[n - 1] !== LF || bytes[0] === DOT) return false;
-  for (let at = bytes.indexOf(CR); at !== -1; at = bytes.indexOf(CR, at + 2)) if (bytes[at + 1] !== LF) return false;
-  for (let at = bytes.indexOf(LF); at !== -1; at = bytes.indexOf(LF, at + 1)) if (bytes[at - 1] !== CR || bytes[at + 1] === DOT) return false;
-  return true;
-}

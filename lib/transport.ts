@@ -12,7 +12,7 @@ import { ThreadEngine } from './engine-thread';
 import { ConcurrencyLimit } from './concurrency';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
-import { rawBytes, rawMessageId, readMessage } from './message-bytes';
+import { rawBytes, rawMessageId, readMessage, toWireForm } from './message-bytes';
 import { READ_AHEAD_OPTIONS, READ_AHEAD_PER_CONNECTION, SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
 import type { ConnectionSummary } from './pool-registry';
 import { ReadAheadBudget, type ReadAheadKey } from './read-ahead';
@@ -151,7 +151,8 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     const raw = rawBytes(mail.message);
     const ticket = await this.readAhead.admit(this.readAheadKeys(sender, byDomain), raw?.length);
     try {
-      const message = raw ?? (await this.build(mail));
+      // In wire form once, for every domain and retry (see toWireForm).
+      const { wire: message, size } = toWireForm(raw ?? (await this.build(mail)));
       this.readAhead.settle(ticket, message.length);
       // A raw message's own Message-ID; Nodemailer's (generated, or the composed message's header) otherwise.
       const messageId = (mail.data.raw !== undefined ? rawMessageId(message) : undefined) ?? mail.message.messageId();
@@ -159,7 +160,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
       const domains = await this.engine.deliver({
         sender,
         // The envelope parameters Nodemailer's SMTP transport passes, and the exact SIZE.
-        envelope: { from, size: message.length, dsn: data.dsn, use8BitMime: envelope.use8BitMime, requireTLSExtensionEnabled: data.requireTLSExtensionEnabled },
+        envelope: { from, size, dsn: data.dsn, use8BitMime: envelope.use8BitMime, requireTLSExtensionEnabled: data.requireTLSExtensionEnabled },
         message,
         domains: [...byDomain],
       });

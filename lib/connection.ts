@@ -205,7 +205,7 @@ export class CountingConnection {
     if (rcpts.length === 0 || rcpts.length > this.capacity()) {
       throw new RangeError(`${this.id}: ${rcpts.length} recipients offered, room for ${this.capacity()}`);
     }
-    const { refused, sendable } = refuseLocally(this.smtp, envelope, rcpts, message.length);
+    const { refused, sendable } = refuseLocally(this.smtp, envelope, rcpts, envelope.size ?? message.length);
     if (sendable.length === 0) return refused;
     const replies = await this.transaction(envelope, sendable, message);
     if (refused.length === 0) return replies;

@@ -59,11 +59,12 @@ export function parseRecipient(address: string): Recipient | InvalidRecipient {
   // Nodemailer trims what it sends in RCPT TO and reports the replies under the trimmed form.
   if (address.trimStart() !== address) return { address, reason: 'starts with whitespace' };
   const local = address.slice(0, at);
-  if (local.length > MAX_LOCAL_PART) return { address, reason: `local part is longer than ${MAX_LOCAL_PART} characters` };
+  // RFC 5321 counts octets (RFC 6531: of the UTF-8 form), not characters.
+  if (Buffer.byteLength(local) > MAX_LOCAL_PART) return { address, reason: `local part is longer than ${MAX_LOCAL_PART} octets` };
   const domain = normalizeDomain(address.slice(at + 1));
   if (!domain) return { address, reason: `domain ${JSON.stringify(address.slice(at + 1))} is not a valid domain name` };
   const rcpt = `${local}@${domain}`;
-  if (rcpt.length > MAX_ADDRESS) return { address, reason: `is longer than ${MAX_ADDRESS} characters` };
+  if (Buffer.byteLength(rcpt) > MAX_ADDRESS) return { address, reason: `is longer than ${MAX_ADDRESS} octets` };
   return { address, rcpt, domain };
 }
 

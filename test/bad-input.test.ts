@@ -110,6 +110,7 @@ describe('malformed and oversize recipients: rejected locally with the reason, t
     ['a tab in the domain', 'a@x\t.test', /not a valid domain name/],
     ['an address literal (not supported)', 'a@[127.0.0.1]', /not a valid domain name/],
     ['a local part of 65 characters', `${'l'.repeat(65)}@x.test`, /local part is longer than 64/],
+    ['a UTF-8 local part of 30 characters but 90 octets (RFC 6531 counts octets)', `${'用'.repeat(30)}@x.test`, /local part is longer than 64 octets/],
     ['an address of 255 characters', long(255), /longer than 254/],
   ])('%s', async (_what, bad, reason) => {
     const s = await server();

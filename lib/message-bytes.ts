@@ -27,8 +27,8 @@ export function rawBytes(message: RootNode): Buffer | undefined {
   return raw === undefined ? undefined : withFinalLineBreak(raw);
 }
 
-/** The message's bytes from its stream. */
-export function readMessage(message: RootNode): Promise<Buffer> {
+/** The message's bytes from its stream, as the chunks it gave (toWireForm copies them once). */
+export function readMessage(message: RootNode): Promise<Buffer[]> {
   return readStream(message.createReadStream());
 }
 
@@ -78,17 +78,12 @@ function withFinalLineBreak(bytes: Buffer): Buffer {
 const LF = Buffer.from('\n');
 const CRLF = Buffer.from('\r\n');
 
-function readStream(stream: Readable): Promise<Buffer> {
+function readStream(stream: Readable): Promise<Buffer[]> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
-    let length = 0;
-    stream.on('data', (chunk: Buffer | string) => {
-      const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
-      chunks.push(bytes);
-      length += bytes.length;
-    });
+    stream.on('data', (chunk: Buffer | string) => chunks.push(typeof chunk === 'string' ? Buffer.from(chunk) : chunk));
     stream.once('error', reject);
-    stream.once('end', () => resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, length)));
+    stream.once('end', () => resolve(chunks));
   });
 }
 
@@ -100,20 +95,6 @@ const INSERT_LF = Buffer.from('\n');
 const INSERT_DOT = Buffer.from('.');
 const INSERT_LF_DOT = Buffer.from('\n.');
 
-/**
- * True when the bytes are their own wire form: the DataStream would pass them unchanged (no bare
- * CR or LF, no line that starts with a dot) and they end in CRLF. Scans line ends only.
- */
-export function isWireForm(bytes: Buffer): boolean {
-  const n = bytes.length;
-  if (n < 2 || bytes[n - 2] !== CR_BYTE || bytes[n - 1] !== LF_BYTE || bytes[0] === DOT_BYTE) return false;
-  for (let at = bytes.indexOf(CR_BYTE); at !== -1; at = bytes.indexOf(CR_BYTE, at + 2)) if (bytes[at + 1] !== LF_BYTE) return false;
-  for (let at = bytes.indexOf(LF_BYTE); at !== -1; at = bytes.indexOf(LF_BYTE, at + 1)) {
-    if (bytes[at - 1] !== CR_BYTE || bytes[at + 1] === DOT_BYTE) return false;
-  }
-  return true;
-}
-
 /** A message's wire form, and its size as RFC 1870 counts it for SIZE= (CRLF line ends, no doubled dots). */
 export interface WireForm {
   wire: Buffer;
@@ -123,41 +104,49 @@ export interface WireForm {
 /**
  * The message as it goes on the wire after DATA, without the final dot: what Nodemailer's
  * DataStream would write (bare CR and bare LF become CRLF, a dot that starts a line is doubled),
- * ending in CRLF. Done once per message, where the message is built, so that every domain and
- * retry sends it without the DataStream's byte-by-byte scan (smtp-internals.ts MessageHandover).
- * Most composed messages need it (text parts keep the application's bare LFs); one that is its
- * own wire form already comes back as it is. Only line ends are visited (Buffer#indexOf).
+ * ending in CRLF. Made once per message, where it is built, so that every domain and retry sends
+ * it without the DataStream's byte-by-byte scan (smtp-internals.ts MessageHandover). Takes the
+ * message as the chunks it was read in and copies them once; a single chunk that needs no change
+ * comes back as it is. Only line ends are visited (Buffer#indexOf), not every byte.
  */
-export function toWireForm(bytes: Buffer): WireForm {
-  if (isWireForm(bytes)) return { wire: bytes, size: bytes.length };
+export function toWireForm(chunks: readonly Buffer[]): WireForm {
   const parts: Buffer[] = [];
-  let from = 0;
   let doubledDots = 0;
-  const insert = (at: number, what: Buffer): void => {
-    if (at > from) parts.push(bytes.subarray(from, at));
-    parts.push(what);
-    from = at;
-    if (what === INSERT_DOT || what === INSERT_LF_DOT) doubledDots++;
-  };
-  if (bytes[0] === DOT_BYTE) insert(0, INSERT_DOT);
-  let cr = bytes.indexOf(CR_BYTE);
-  let lf = bytes.indexOf(LF_BYTE);
-  while (cr !== -1 || lf !== -1) {
-    if (lf === -1 || (cr !== -1 && cr < lf)) {
-      // A CR_BYTE not followed by LF_BYTE gets one; a dot after it then starts a line.
-      const next = cr + 1;
-      if (next < bytes.length && bytes[next] !== LF_BYTE) insert(next, bytes[next] === DOT_BYTE ? INSERT_LF_DOT : INSERT_LF);
-      cr = bytes.indexOf(CR_BYTE, next);
-    } else {
-      if (bytes[lf - 1] !== CR_BYTE) insert(lf, INSERT_CR);
-      if (bytes[lf + 1] === DOT_BYTE) insert(lf + 1, INSERT_DOT);
-      lf = bytes.indexOf(LF_BYTE, lf + 1);
+  // The byte before the chunk being read; undefined at the start of the message.
+  let prev: number | undefined;
+  for (const chunk of chunks) {
+    if (chunk.length === 0) continue;
+    let from = 0;
+    const insert = (at: number, what: Buffer): void => {
+      if (at > from) parts.push(chunk.subarray(from, at));
+      parts.push(what);
+      from = at;
+      if (what === INSERT_DOT || what === INSERT_LF_DOT) doubledDots++;
+    };
+    const before = (at: number): number | undefined => (at > 0 ? chunk[at - 1] : prev);
+    // A line may start at the chunk's first byte: after the start, a CR or an LF.
+    if (prev === CR_BYTE && chunk[0] !== LF_BYTE) insert(0, chunk[0] === DOT_BYTE ? INSERT_LF_DOT : INSERT_LF);
+    else if (chunk[0] === DOT_BYTE && (prev === undefined || prev === LF_BYTE)) insert(0, INSERT_DOT);
+    let cr = chunk.indexOf(CR_BYTE);
+    let lf = chunk.indexOf(LF_BYTE);
+    while (cr !== -1 || lf !== -1) {
+      if (lf === -1 || (cr !== -1 && cr < lf)) {
+        // A CR not followed by LF gets one, and a dot after it then starts a line; a CR that ends
+        // the chunk is settled at the next chunk's start.
+        const next = cr + 1;
+        if (next < chunk.length && chunk[next] !== LF_BYTE) insert(next, chunk[next] === DOT_BYTE ? INSERT_LF_DOT : INSERT_LF);
+        cr = chunk.indexOf(CR_BYTE, next);
+      } else {
+        if (before(lf) !== CR_BYTE) insert(lf, INSERT_CR);
+        if (chunk[lf + 1] === DOT_BYTE) insert(lf + 1, INSERT_DOT);
+        lf = chunk.indexOf(LF_BYTE, lf + 1);
+      }
     }
+    parts.push(from === 0 ? chunk : chunk.subarray(from));
+    prev = chunk[chunk.length - 1];
   }
-  if (from < bytes.length) parts.push(bytes.subarray(from));
   // The end the DataStream gives before its final dot: a line break.
-  const last = bytes[bytes.length - 1];
-  if (last !== LF_BYTE) parts.push(last === CR_BYTE ? INSERT_LF : CRLF);
-  const wire = Buffer.concat(parts);
+  if (prev !== LF_BYTE) parts.push(prev === CR_BYTE ? INSERT_LF : CRLF);
+  const wire = parts.length === 1 ? parts[0] : Buffer.concat(parts);
   return { wire, size: wire.length - doubledDots };
 }

@@ -152,7 +152,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     const ticket = await this.readAhead.admit(this.readAheadKeys(sender, byDomain), raw?.length);
     try {
       // In wire form once, for every domain and retry (see toWireForm).
-      const { wire: message, size } = toWireForm(raw ?? (await this.build(mail)));
+      const { wire: message, size } = toWireForm(raw ? [raw] : await this.build(mail));
       this.readAhead.settle(ticket, message.length);
       // A raw message's own Message-ID; Nodemailer's (generated, or the composed message's header) otherwise.
       const messageId = (mail.data.raw !== undefined ? rawMessageId(message) : undefined) ?? mail.message.messageId();
@@ -175,7 +175,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     }
   }
 
-  private async build(mail: MailMessage<BindingPoolSentMessageInfo>): Promise<Buffer> {
+  private async build(mail: MailMessage<BindingPoolSentMessageInfo>): Promise<Buffer[]> {
     try {
       return await this.reads.run(() => readMessage(mail.message));
     } catch (err) {

@@ -26,7 +26,7 @@ class CapturingTransport implements Transport<Taken> {
   send(mail: MailMessage<Taken>, callback: (err: Error | null, info?: Taken) => void): void {
     const shortcut = rawBytes(mail.message);
     readMessage(mail.message).then(
-      (streamed) => callback(null, { shortcut, streamed }),
+      (chunks) => callback(null, { shortcut, streamed: Buffer.concat(chunks) }),
       (err: Error) => callback(err),
     );
   }

@@ -137,7 +137,7 @@ export interface BindingPoolOptions extends ScopedOptions {
    * The most bytes of messages read (built) and not yet delivered, across the transport. A send
    * over it waits before its message is built, so a queue of large messages holds about this
    * much (a composed message's size is known only once built: reads begun on a low estimate can
-   * pass it by a message or two). Each destination also holds at most two messages per
+   * pass it by a message or two). Each destination also holds at most four messages per
    * connection it may open. A message larger than the whole budget is still sent, alone.
    * Default 268 435 456 (256 MiB).
    */
@@ -198,5 +198,9 @@ export const READ_AHEAD_OPTIONS = {
   maxReadAheadBytes: { min: 1, default: 256 * 1024 * 1024 },
 } as const;
 
-/** Messages a destination may hold read ahead, per connection it may open: the one it carries and the next. */
-export const READ_AHEAD_PER_CONNECTION = 2;
+/**
+ * Messages a destination may hold read ahead, per connection it may open: the one it carries and
+ * a few built ahead, so composing goes on while the connections wait for replies (measured on
+ * bench real-mix: 2 per connection 1.16 ×, 4 1.26 ×, 8 1.26 × Nodemailer's pool).
+ */
+export const READ_AHEAD_PER_CONNECTION = 4;

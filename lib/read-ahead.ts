@@ -5,7 +5,7 @@
  *
  * Two gates, both taken before a message is read and held until its delivery ends:
  * - per destination (a sender and a domain): at most `limit` messages, about what that
- *   destination's connections carry now plus one each to start next; a slow destination holds
+ *   destination's connections carry now plus a few each to start next; a slow destination holds
  *   only its own share, never the others';
  * - overall: the bytes of every message held stay under `maxBytes`. A message's size is known
  *   only once it is built, so a read reserves an estimate (the size of the last messages built;

@@ -58,12 +58,12 @@ describe('ConcurrencyLimit', () => {
 describe('a batch of composed messages handed over at once', () => {
   const { startServer, transport } = closedAfterEach();
 
-  // At most 16 read at once, and at most 2 per connection the destination may open (read-ahead).
+  // At most 16 read at once, and at most 4 per connection the destination may open (read-ahead).
   test.each([
     [false, 10, 16],
     [true, 10, 16],
-    [false, 5, 10],
-    [true, 2, 4],
+    [false, 2, 8],
+    [true, 1, 4],
   ])(
     'deliveryThread %s, maxOutboundConnections %i: read %i at a time at most, and delivered in full',
     async (deliveryThread, maxOutboundConnections, expected) => {

@@ -38,7 +38,6 @@ export class ThreadEngine extends EventEmitter implements Engine {
   private readonly waiting = new Map<number, Waiter>();
   private nextId = 1;
   private outbox: { id: number; job: MessageJob }[] = [];
-  private outboxBytes = 0;
   private flushScheduled = false;
   private lastStats: EngineStats = EMPTY_STATS;
 
@@ -62,7 +61,6 @@ export class ThreadEngine extends EventEmitter implements Engine {
   deliver(job: MessageJob): Promise<DomainResult[]> {
     const id = this.nextId++;
     this.outbox.push({ id, job });
-    this.outboxBytes += job.message.length;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       setImmediate(() => this.flush());
@@ -100,25 +98,29 @@ export class ThreadEngine extends EventEmitter implements Engine {
   private flush(): void {
     this.flushScheduled = false;
     if (this.outbox.length === 0) return;
-    // The batch's messages are copied into one buffer that is transferred, not cloned: one
+    // A batch's messages are copied into one buffer that is transferred, not cloned: one
     // allocation and one transfer per batch instead of per message (and a Buffer is often a
-    // view into a larger shared slab, which cloning would copy whole).
-    const bytes = new Uint8Array(this.outboxBytes);
-    let offset = 0;
-    const jobs = this.outbox.map(({ id, job }) => {
-      const { message, ...rest } = job;
-      bytes.set(message, offset);
-      const crossing = { id, job: rest, offset, length: message.length };
-      offset += message.length;
-      return crossing;
-    });
+    // view into a larger shared slab, which cloning would copy whole). The worker frees a batch's
+    // buffer only once every message in it is delivered, so a batch stays small: a large message
+    // crosses alone, and its memory goes as soon as it is sent.
+    let batch: { id: number; job: MessageJob }[] = [];
+    let batchBytes = 0;
+    for (const entry of this.outbox) {
+      const size = entry.job.message.length;
+      if (batch.length > 0 && batchBytes + size > MAX_BATCH_BYTES) {
+        this.post(crossing(batch, batchBytes));
+        batch = [];
+        batchBytes = 0;
+      }
+      batch.push(entry);
+      batchBytes += size;
+    }
+    this.post(crossing(batch, batchBytes));
     this.outbox = [];
-    this.outboxBytes = 0;
-    this.ensureWorker().postMessage({ type: 'jobs', jobs, bytes } satisfies ToWorker, [bytes.buffer]);
   }
 
   private post(message: ToWorker): void {
-    this.ensureWorker().postMessage(message);
+    this.ensureWorker().postMessage(message, message.type === 'jobs' ? [message.bytes.buffer as ArrayBuffer] : []);
   }
 
   private ensureWorker(): Worker {
@@ -180,6 +182,23 @@ export class ThreadEngine extends EventEmitter implements Engine {
       );
     }
   }
+}
+
+/** Messages in one crossing at most (a larger message crosses alone). */
+const MAX_BATCH_BYTES = 256 * 1024;
+
+/** One crossing: the batch's messages copied into one transferable buffer. */
+function crossing(batch: { id: number; job: MessageJob }[], total: number): ToWorker {
+  const bytes = new Uint8Array(total);
+  let offset = 0;
+  const jobs = batch.map(({ id, job }) => {
+    const { message, ...rest } = job;
+    bytes.set(message, offset);
+    const entry = { id, job: rest, offset, length: message.length };
+    offset += message.length;
+    return entry;
+  });
+  return { type: 'jobs', jobs, bytes };
 }
 
 /**

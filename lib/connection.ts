@@ -229,12 +229,14 @@ export class CountingConnection {
     this.lmtpSink(undefined);
     this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
     const failure = err ? failureOf(err) : undefined;
+    // Built only when there is something in them: the common transaction has neither.
     const replies = decideVerdicts({
       rcpts,
       lmtp: this.target.lmtp,
-      rcptAccepted: [...(state.accepted ?? []), ...lmtpReplies.map((r) => r.rcpt)],
-      rcptRefused: rcptRefusals(state),
-      lmtpReplies: new Map(lmtpReplies.map(({ rcpt, response }) => [rcpt, { code: replyCode(response) ?? 0, response }])),
+      rcptAccepted: lmtpReplies.length === 0 ? (state.accepted ?? []) : [...(state.accepted ?? []), ...lmtpReplies.map((r) => r.rcpt)],
+      rcptRefused: state.rejectedErrors?.length ? rcptRefusals(state) : NO_REPLIES,
+      lmtpReplies:
+        lmtpReplies.length === 0 ? NO_REPLIES : new Map(lmtpReplies.map(({ rcpt, response }) => [rcpt, { code: replyCode(response) ?? 0, response }])),
       finalReply: info ? { code: replyCode(info.response) ?? 250, response: info.response } : undefined,
       failure,
       // Only a failure asks how far the message got (it waits for the socket to say).
@@ -345,13 +347,13 @@ function refuseLocally(
     const response = `552 5.3.4 message of ${size} bytes is larger than the server's limit of ${limit} bytes (SIZE); not sent`;
     return { refused: rcpts.map((rcpt) => ({ rcpt, verdict: 'rejected', response, responseCode: 552 })), sendable: [] };
   }
-  if (offers(smtp, 'SMTPUTF8')) return { refused: [], sendable: rcpts };
+  if (!NON_ASCII.test(envelope.from) && !rcpts.some((rcpt) => NON_ASCII.test(rcpt))) return { refused: NOTHING_REFUSED, sendable: rcpts };
+  if (offers(smtp, 'SMTPUTF8')) return { refused: NOTHING_REFUSED, sendable: rcpts };
   const why = '(RFC 6531: the server does not offer SMTPUTF8); not sent';
   if (NON_ASCII.test(envelope.from)) {
     const response = `553 5.6.7 sender ${envelope.from} has a non-ASCII address ${why}`;
     return { refused: rcpts.map((rcpt) => ({ rcpt, verdict: 'rejected', response, responseCode: 553 })), sendable: [] };
   }
-  if (!rcpts.some((rcpt) => NON_ASCII.test(rcpt))) return { refused: [], sendable: rcpts };
   const refused: RecipientReply[] = [];
   const sendable: string[] = [];
   for (const rcpt of rcpts) {
@@ -363,6 +365,7 @@ function refuseLocally(
 }
 
 const NON_ASCII = /[\u0080-\uffff]/;
+const NOTHING_REFUSED: RecipientReply[] = [];
 
 /** Nodemailer's error as the facts the verdict rule reads. */
 function failureOf(err: SmtpError): TransactionFailure {
@@ -377,6 +380,8 @@ function failureOf(err: SmtpError): TransactionFailure {
   // Anything else (a socket that is gone, a timeout, a closed connection) is the connection's fault.
   return { kind: 'broken', message: err.message, reply, peerReset: err.originalCode === 'ECONNRESET' };
 }
+
+const NO_REPLIES: ReadonlyMap<string, ServerReply> = new Map();
 
 /** RCPT TO refusals recorded on the envelope (LMTP's per-recipient DATA replies are recorded apart). */
 function rcptRefusals(state: EnvelopeRecord): Map<string, ServerReply> {

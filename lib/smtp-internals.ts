@@ -125,14 +125,21 @@ export class MessageHandover {
   pipe<T extends NodeJS.WritableStream>(destination: T): T {
     this.started = true;
     const socket = this.socket;
-    // A small message and its final dot leave in one write: corked for this turn only, so a full
-    // socket buffer can never hold the rest of the message back.
-    if (socket && !socket.writableCorked && this.bytes.length < socket.writableHighWaterMark) {
-      socket.cork();
-      setImmediate(() => socket.uncork());
-    }
+    // A small message and its final dot leave in one write: corked only while they are handed
+    // over, and only when all of it fits under the socket's high-water mark, so no write meets
+    // back-pressure (which a corked socket would never relieve).
+    const corked = socket !== undefined && !socket.writableCorked && socket.writableLength + this.bytes.length + FINAL_DOT_BYTES < socket.writableHighWaterMark;
+    let stillCorked = corked;
+    if (corked) socket.cork();
+    const uncork = (): void => {
+      if (!stillCorked) return;
+      stillCorked = false;
+      process.nextTick(() => socket?.uncork());
+    };
+    destination.once('error', uncork);
     // 'end' comes once the stream handed its last bytes, the final dot, to the socket.
     destination.once('end', () => {
+      uncork();
       this.dotFlushed = new Promise((resolve) => {
         if (!socket || socket.destroyed) resolve(false);
         else socket.write(EMPTY, (err) => resolve(!err));
@@ -198,3 +205,6 @@ function writeInChunks(destination: NodeJS.WritableStream, bytes: Buffer, done: 
 }
 
 const CRLF = Buffer.from('\r\n');
+
+/** What the DataStream adds at most after the message: its last line break and the final dot. */
+const FINAL_DOT_BYTES = 5;

@@ -71,6 +71,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   private readonly reads = new ConcurrencyLimit(MAX_CONCURRENT_READS);
   private readonly readAhead: ReadAheadBudget;
   private readonly readAheadLimits = new Map<string, number>();
+  private readonly readAheadPerConnection: number;
   private closed = false;
   private closing: Promise<void> | undefined;
 
@@ -79,6 +80,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     // Checks the options (throws ConfigError) and names bindings for messages.
     this.scopes = new ScopeResolver(options);
     this.readAhead = new ReadAheadBudget(this.scopes.options.maxReadAheadBytes ?? READ_AHEAD_OPTIONS.maxReadAheadBytes.default);
+    this.readAheadPerConnection = options.deliveryThread ? READ_AHEAD_PER_CONNECTION.thread : READ_AHEAD_PER_CONNECTION.local;
     this.engine = options.deliveryThread ? new ThreadEngine(options) : new LocalEngine(options);
     this.engine.on('connectionClosed', (summary: ConnectionSummary) => this.emit('connectionClosed', summary));
   }
@@ -149,7 +151,9 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     // Raw bytes that need no stream are taken at once; the rest is read a few at a time, and
     // either waits for room in the read-ahead budget first.
     const raw = rawBytes(mail.message);
-    const ticket = await this.readAhead.admit(this.readAheadKeys(sender, byDomain), raw?.length);
+    const admitted = this.readAhead.admit(this.readAheadKeys(sender, byDomain), raw?.length);
+    // Most sends are admitted at once: no promise turn for them.
+    const ticket = admitted instanceof Promise ? await admitted : admitted;
     try {
       // In wire form once, for every domain and retry (see toWireForm).
       const { wire: message, size } = toWireForm(raw ? [raw] : await this.build(mail));
@@ -192,7 +196,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
       let limit = this.readAheadLimits.get(key);
       if (limit === undefined) {
         if (this.readAheadLimits.size >= MAX_CACHED_LIMITS) this.readAheadLimits.clear();
-        limit = READ_AHEAD_PER_CONNECTION * this.scopes.connectionsTo(sender, domain);
+        limit = this.readAheadPerConnection * this.scopes.connectionsTo(sender, domain);
         this.readAheadLimits.set(key, limit);
       }
       keys.push({ key, limit });

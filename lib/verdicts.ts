@@ -83,6 +83,11 @@ export function decideVerdicts(facts: TransactionFacts): RecipientReply[] {
   // A refused MAIL FROM decides everyone: with PIPELINING the RCPT replies behind it (503 "need
   // MAIL command") say nothing about the recipients.
   if (failure?.kind === 'reply' && failure.command === 'MAIL FROM') return facts.rcpts.map((rcpt) => fromReply(rcpt, failure.reply));
+  // The common case: the message accepted, no recipient refused.
+  if (!failure && !facts.lmtp && facts.rcptRefused.size === 0 && facts.finalReply && facts.finalReply.code < 300) {
+    const reply = facts.finalReply;
+    if (facts.rcptAccepted.length === facts.rcpts.length) return facts.rcpts.map((rcpt) => delivered(rcpt, reply));
+  }
   const accepted = new Set(facts.rcptAccepted);
   return facts.rcpts.map((rcpt) => {
     const refused = facts.rcptRefused.get(rcpt);

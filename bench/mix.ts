@@ -17,6 +17,7 @@
 import nodemailer from 'nodemailer';
 import type { SendMailOptions } from 'nodemailer';
 import type { Readable } from 'node:stream';
+import { mulberry32 } from '../test/support/fault-server';
 
 export const MIX_SEED = 0x5eed_2026;
 
@@ -50,18 +51,6 @@ function hash32(i: number, salt: number): number {
   h = Math.imul(h, 0x846ca68b);
   h ^= h >>> 16;
   return h >>> 0;
-}
-
-/** mulberry32: a small seeded PRNG for the generated content. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Which class and variant send i uses. */
@@ -162,7 +151,7 @@ const OVERHEAD = 1_000;
 const QP_FACTOR = 1.06;
 
 function buildVariant(klass: MixClass, k: number): Variant {
-  const rand = prng(MIX_SEED + klass.variants * 1000 + k * 7919 + klass.min);
+  const rand = mulberry32(MIX_SEED + klass.variants * 1000 + k * 7919 + klass.min);
   // Target sizes spread evenly over the class's range, 3 % in from its ends (the sizes reached are a few hundred bytes off).
   const margin = 0.03 * (klass.max - klass.min);
   const target = Math.round(klass.min + margin + ((klass.max - klass.min - 2 * margin) * (k + 0.5)) / klass.variants);

@@ -23,7 +23,7 @@ import {
   type EnvelopeRecord,
   type LmtpReply,
 } from './smtp-internals';
-import { decideVerdicts, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
+import { decideVerdicts, type MessageProgress, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
 
 export type { RecipientReply, RecipientVerdict } from './verdicts';
 
@@ -109,8 +109,8 @@ export class CountingConnection {
   private readonly smtp: SMTPConnection;
   private ended = false;
   private readonly endWaiters: (() => void)[] = [];
-  /** Where the LMTP replies of the transaction in flight are recorded. */
-  private readonly lmtpSink: (sink: LmtpReply[] | undefined) => void;
+  /** Where the LMTP replies of the transaction in flight are recorded (undefined: they cannot be). */
+  private readonly lmtpSink: ((sink: LmtpReply[] | undefined) => void) | undefined;
 
   private constructor(label: string, target: ConnectionTarget, limits: ConnectionLimits) {
     this.id = `${label}#${nextConnectionId++}`;
@@ -222,13 +222,17 @@ export class CountingConnection {
     // A fresh object per transaction: SMTPConnection records the RCPT replies on it.
     const state: SMTPConnection.Envelope & EnvelopeRecord = { ...envelope, to: rcpts as string[] };
     const lmtpReplies: LmtpReply[] = [];
-    this.lmtpSink(lmtpReplies);
+    this.lmtpSink?.(lmtpReplies);
     const { err, info } = await new Promise<{ err: SmtpError | null; info?: SMTPConnection.SentMessageInfo }>((resolve) =>
       this.smtp.send(state, handover as unknown as Readable, (err, info) => resolve({ err: err as SmtpError | null, info })),
     );
-    this.lmtpSink(undefined);
+    this.lmtpSink?.(undefined);
     this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
-    const failure = err ? failureOf(err) : undefined;
+    // A reset proves the dot unread only where no LMTP reply could have gone unrecorded.
+    const failure = err ? failureOf(err, !this.target.lmtp || this.lmtpSink !== undefined) : undefined;
+    if (failure) handover.abort();
+    // Only a failure asks how far the message got (it waits for the socket to say).
+    const progress = failure ? await handover.progress() : 'sent';
     // Built only when there is something in them: the common transaction has neither.
     const replies = decideVerdicts({
       rcpts,
@@ -239,26 +243,29 @@ export class CountingConnection {
         lmtpReplies.length === 0 ? NO_REPLIES : new Map(lmtpReplies.map(({ rcpt, response }) => [rcpt, { code: replyCode(response) ?? 0, response }])),
       finalReply: info ? { code: replyCode(info.response) ?? 250, response: info.response } : undefined,
       failure,
-      // Only a failure asks how far the message got (it waits for the socket to say).
-      message: failure ? await handover.progress() : 'sent',
+      message: progress,
     });
     let delivered = 0;
     for (const reply of replies) if (reply.verdict === 'delivered') delivered++;
     this.deliveries += delivered;
     if (connectionLog.enabled)
       connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
-    if (failure) this.retireAfter(failure);
+    if (failure) this.retireAfter(failure, progress);
     this.retireIfSpent();
     // The transaction failed but the session is alive: RSET before it carries another.
     if (err && this.usable) await this.resetSession();
     return replies;
   }
 
-  /** A 421 is the server closing the connection; a broken one is done too. */
-  private retireAfter(failure: TransactionFailure): void {
+  /**
+   * A 421 is the server closing the connection; a broken one is done too, and so is one that
+   * failed in the middle of the message (the server answered before the dot): what the server
+   * takes for the next command would be the rest of the message.
+   */
+  private retireAfter(failure: TransactionFailure, progress: MessageProgress): void {
     const reply = failure.kind === 'refused' ? undefined : failure.reply;
     if (reply?.code === 421) this.retire('serverClosed');
-    else if (failure.kind === 'broken' || this.ended || !peerOpen(this.smtp)) this.retire('error');
+    else if (failure.kind === 'broken' || progress === 'partial' || this.ended || !peerOpen(this.smtp)) this.retire('error');
   }
 
   /**
@@ -298,7 +305,9 @@ export class CountingConnection {
         clearTimeout(quitTimer);
         resolve();
       });
-      if (this.smtp.stage === 'connected') this.smtp.quit();
+      // A session broken off in the middle of a message gets no QUIT: the server would read it as
+      // part of the message.
+      if (this.smtp.stage === 'connected' && this.retireReason !== 'error') this.smtp.quit();
       else this.smtp.close();
     }).then(() => this.socketClosed());
   }
@@ -368,7 +377,7 @@ const NON_ASCII = /[\u0080-\uffff]/;
 const NOTHING_REFUSED: RecipientReply[] = [];
 
 /** Nodemailer's error as the facts the verdict rule reads. */
-function failureOf(err: SmtpError): TransactionFailure {
+function failureOf(err: SmtpError, resetMeansUnread: boolean): TransactionFailure {
   const reply = err.responseCode !== undefined ? { code: err.responseCode, response: err.response ?? err.message } : undefined;
   if (reply && err.command !== 'CONN') {
     const command = err.code === 'EMESSAGE' ? 'MESSAGE' : err.command === 'MAIL FROM' || err.command === 'RCPT TO' ? err.command : 'DATA';
@@ -378,7 +387,7 @@ function failureOf(err: SmtpError): TransactionFailure {
   if (err.code === 'EREQUIRETLS') return { kind: 'refused', code: 550, response: `550 5.7.30 REQUIRETLS: ${err.message}; not sent` };
   if (err.code === 'EENVELOPE' && err.command === 'API') return { kind: 'refused', code: 553, response: `553 5.1.3 ${err.message}; not sent` };
   // Anything else (a socket that is gone, a timeout, a closed connection) is the connection's fault.
-  return { kind: 'broken', message: err.message, reply, peerReset: err.originalCode === 'ECONNRESET' };
+  return { kind: 'broken', message: err.message, reply, peerReset: resetMeansUnread && err.originalCode === 'ECONNRESET' };
 }
 
 const NO_REPLIES: ReadonlyMap<string, ServerReply> = new Map();

@@ -79,14 +79,15 @@ export class ThreadEngine extends EventEmitter implements Engine {
   }
 
   async close(): Promise<void> {
-    if (!this.worker) return;
+    // Jobs still waiting to cross go first (to a new worker, when the last one died).
+    if (!this.worker && this.outbox.length === 0) return;
     this.flush();
     const id = this.nextId++;
     this.post({ type: 'close', id });
     await this.request(id);
     const worker = this.worker;
     this.worker = undefined;
-    await worker.terminate();
+    await worker?.terminate();
   }
 
   private request(id: number, job?: MessageJob): Promise<unknown> {

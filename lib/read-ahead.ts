@@ -11,8 +11,8 @@
  *   only once it is built, so a read reserves an estimate (the size of the last messages built;
  *   the whole budget for the first) and is charged its real size when done. A message larger than the whole budget still goes,
  *   alone, so nothing waits forever.
- * Waiting is FIFO per gate: a message held back for a busy destination does not hold back
- * messages for the others.
+ * A message takes all its gates at once or none: held back for a busy destination, it holds
+ * nothing of the others. Waiting is FIFO per gate.
  */
 import { Fifo } from './fifo';
 
@@ -28,8 +28,6 @@ export interface ReadAheadTicket {
   bytes: number;
   /** `bytes` is an estimate (the message is not built yet): refreshed while it waits. */
   estimated: boolean;
-  /** Keys whose slot it holds so far. */
-  taken: number;
   wake?: () => void;
 }
 
@@ -56,11 +54,8 @@ export class ReadAheadBudget {
 
   /** Resolves once the message may be read; `size` when it is known already (a raw Buffer). */
   admit(keys: readonly ReadAheadKey[], size?: number): Promise<ReadAheadTicket> | ReadAheadTicket {
-    // Gates are taken in one order for every message: a message holding A while waiting for B
-    // and another holding B while waiting for A would wait forever.
-    const ordered = keys.length > 1 ? [...keys].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)) : keys;
-    const ticket: ReadAheadTicket = { keys: ordered, bytes: size ?? this.estimate, estimated: size === undefined, taken: 0 };
-    if (this.advance(ticket)) return ticket;
+    const ticket: ReadAheadTicket = { keys, bytes: size ?? this.estimate, estimated: size === undefined };
+    if (this.tryAdmit(ticket, false)) return ticket;
     return new Promise((resolve) => {
       ticket.wake = () => resolve(ticket);
     });
@@ -89,10 +84,12 @@ export class ReadAheadBudget {
       const left = this.perKey.get(key)! - 1;
       if (left === 0) this.perKey.delete(key);
       else this.perKey.set(key, left);
+    }
+    for (const { key } of ticket.keys) {
       const queue = this.keyWaiters.get(key);
       const next = queue?.shift();
       if (queue?.size === 0) this.keyWaiters.delete(key);
-      if (next) this.wakeIfAdmitted(next);
+      if (next && this.tryAdmit(next, false)) next.wake!();
     }
     this.wakeByteWaiters();
   }
@@ -104,42 +101,40 @@ export class ReadAheadBudget {
     return { messages: this.heldMessages, bytes: this.heldBytes, waiting };
   }
 
-  /** Takes the ticket's gates in order; false when it had to queue at one. */
-  private advance(ticket: ReadAheadTicket): boolean {
-    for (; ticket.taken < ticket.keys.length; ticket.taken++) {
-      const { key, limit } = ticket.keys[ticket.taken];
-      const count = this.perKey.get(key) ?? 0;
-      if (count >= limit) {
-        let queue = this.keyWaiters.get(key);
-        if (!queue) this.keyWaiters.set(key, (queue = new Fifo()));
-        queue.push(ticket);
-        return false;
-      }
-      this.perKey.set(key, count + 1);
-    }
-    // Alone, a message goes whatever its size; in company, only within the budget.
-    if (ticket.estimated) ticket.bytes = this.estimate;
-    if (this.heldMessages > 0 && this.heldBytes + ticket.bytes > this.maxBytes) {
-      this.byteWaiters.push(ticket);
+  /**
+   * Admits the ticket when every gate has room, taking them all at once; otherwise queues it at
+   * the first full one and takes nothing, so a message held back by one destination never holds
+   * a slot of another (and no two messages can wait on each other). The byte gate is FIFO: a
+   * large message waiting for room is not overtaken by smaller ones forever.
+   */
+  private tryAdmit(ticket: ReadAheadTicket, atByteQueueHead: boolean): boolean {
+    for (const { key, limit } of ticket.keys) {
+      if ((this.perKey.get(key) ?? 0) < limit) continue;
+      let queue = this.keyWaiters.get(key);
+      if (!queue) this.keyWaiters.set(key, (queue = new Fifo()));
+      queue.push(ticket);
       return false;
     }
+    // Alone, a message goes whatever its size; in company, only within the budget, in turn.
+    if (ticket.estimated) ticket.bytes = this.estimate;
+    const inTurn = atByteQueueHead || this.byteWaiters.size === 0;
+    if (this.heldMessages > 0 && (!inTurn || this.heldBytes + ticket.bytes > this.maxBytes)) {
+      if (!atByteQueueHead) this.byteWaiters.push(ticket);
+      return false;
+    }
+    for (const { key } of ticket.keys) this.perKey.set(key, (this.perKey.get(key) ?? 0) + 1);
     this.heldBytes += ticket.bytes;
     this.heldMessages++;
     return true;
   }
 
-  private wakeIfAdmitted(ticket: ReadAheadTicket): void {
-    if (this.advance(ticket)) ticket.wake!();
-  }
-
   private wakeByteWaiters(): void {
     for (let next = this.byteWaiters.peek(); next; next = this.byteWaiters.peek()) {
-      if (next.estimated) next.bytes = this.estimate;
-      if (this.heldMessages > 0 && this.heldBytes + next.bytes > this.maxBytes) return;
+      // The head may meet a full destination meanwhile: it moves to that queue and comes back.
+      const fullKey = next.keys.some(({ key, limit }) => (this.perKey.get(key) ?? 0) >= limit);
+      if (!fullKey && this.heldMessages > 0 && this.heldBytes + (next.estimated ? this.estimate : next.bytes) > this.maxBytes) return;
       this.byteWaiters.shift();
-      this.heldBytes += next.bytes;
-      this.heldMessages++;
-      next.wake!();
+      if (this.tryAdmit(next, true)) next.wake!();
     }
   }
 }

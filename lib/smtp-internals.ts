@@ -63,18 +63,18 @@ export interface LmtpReply {
 
 /**
  * Records every per-recipient LMTP reply into the sink the caller sets for the transaction in
- * flight. Returns a setter: pass the current transaction's array, or undefined between them.
+ * flight. Returns a setter (pass the current transaction's array, or undefined between them), or
+ * undefined when this Nodemailer has no such hook: then no reply is known.
  */
-export function recordLmtpReplies(smtp: SMTPConnection): (sink: LmtpReply[] | undefined) => void {
+export function recordLmtpReplies(smtp: SMTPConnection): ((sink: LmtpReply[] | undefined) => void) | undefined {
   const target = internals(smtp);
   const original = target._actionLMTPStream;
+  if (typeof original !== 'function') return undefined;
   let sink: LmtpReply[] | undefined;
-  if (typeof original === 'function') {
-    target._actionLMTPStream = function (this: unknown, recipient, final, reply, callback) {
-      sink?.push({ rcpt: recipient, response: reply });
-      return original.call(this, recipient, final, reply, callback);
-    };
-  }
+  target._actionLMTPStream = function (this: unknown, recipient, final, reply, callback) {
+    sink?.push({ rcpt: recipient, response: reply });
+    return original.call(this, recipient, final, reply, callback);
+  };
   return (next) => {
     sink = next;
   };
@@ -115,6 +115,7 @@ const FLUSH_VERDICT_MS = 1_000;
  */
 export class MessageHandover {
   private started = false;
+  private aborted = false;
   private dotFlushed: Promise<boolean> | undefined;
 
   constructor(
@@ -141,19 +142,28 @@ export class MessageHandover {
     destination.once('end', () => {
       uncork();
       this.dotFlushed = new Promise((resolve) => {
-        if (!socket || socket.destroyed) resolve(false);
+        if (!socket || socket.destroyed || !socket.writable) resolve(false);
         else socket.write(EMPTY, (err) => resolve(!err));
       });
     });
+    const aborted = (): boolean => this.aborted;
     if (socket && endsWithCrlf(this.bytes)) {
-      writeInChunks(socket, this.bytes.subarray(0, this.bytes.length - 2), () => {
+      writeInChunks(socket, this.bytes.subarray(0, this.bytes.length - 2), aborted, () => {
         destination.write(CRLF);
         destination.end();
       });
     } else {
-      writeInChunks(destination, this.bytes, () => destination.end());
+      writeInChunks(destination, this.bytes, aborted, () => destination.end());
     }
     return destination;
+  }
+
+  /**
+   * The transaction ended before its final reply (a reply in the middle of DATA, a broken
+   * connection): write nothing more, so no rest of the message follows whatever comes next.
+   */
+  abort(): void {
+    this.aborted = true;
   }
 
   /** How far the message got; asked once the transaction ended without a reply to the dot. */
@@ -187,9 +197,10 @@ function endsWithCrlf(bytes: Buffer): boolean {
   return bytes.length >= 2 && bytes[bytes.length - 2] === 0x0d && bytes[bytes.length - 1] === 0x0a;
 }
 
-function writeInChunks(destination: NodeJS.WritableStream, bytes: Buffer, done: () => void): void {
+function writeInChunks(destination: NodeJS.WritableStream, bytes: Buffer, aborted: () => boolean, done: () => void): void {
   let offset = 0;
   const next = (): void => {
+    if (aborted()) return;
     while (offset < bytes.length) {
       const end = Math.min(offset + WRITE_CHUNK, bytes.length);
       const more = destination.write(bytes.subarray(offset, end));

@@ -48,6 +48,31 @@ describe('ReadAheadBudget', () => {
     expect(await admitted(next === (await ab) ? ba : ab)).toBe(true);
   });
 
+  test('a message waiting for a full destination holds no slot of another (found by review)', async () => {
+    const budget = new ReadAheadBudget(100 * MiB);
+    await budget.admit([key('slow', 1)], 10);
+    // Two messages for both destinations wait for the slow one…
+    const both = [budget.admit([key('a', 2), key('slow', 1)], 10), budget.admit([key('a', 2), key('slow', 1)], 10)];
+    expect(await admitted(both[0])).toBe(false);
+    // …and a message only for a still goes.
+    expect(await admitted(budget.admit([key('a', 2)], 10))).toBe(true);
+  });
+
+  test('a large message waiting for bytes is not overtaken by smaller ones (found by review)', async () => {
+    const budget = new ReadAheadBudget(100);
+    const first = await budget.admit([key('a', 100)], 40);
+    const large = budget.admit([key('a', 100)], 90);
+    // A small one that would fit now waits its turn behind the large one…
+    const small = budget.admit([key('a', 100)], 40);
+    expect(await admitted(small)).toBe(false);
+    // …which goes as soon as there is room for it, then the small one.
+    budget.release(first);
+    expect(await admitted(large)).toBe(true);
+    expect(await admitted(small)).toBe(false);
+    budget.release(await large);
+    expect(await admitted(small)).toBe(true);
+  });
+
   test('bytes stay under the budget; a message larger than the whole budget still goes, alone', async () => {
     const budget = new ReadAheadBudget(10 * MiB);
     const big = await budget.admit([key('a', 10)], 50 * MiB);

@@ -4,6 +4,7 @@
  * throwing sendMail callback; RCPTs counted for commands never sent; address fields injecting
  * commands before Nodemailer's address parser rewrote them.
  */
+import { createServer, type AddressInfo } from 'node:net';
 import { DnsServer } from './support/dns-server';
 import type { RecordingServer } from './support/recording-server';
 import { closedAfterEach } from './support/harness';
@@ -104,4 +105,77 @@ describe('CR, LF or NUL in an address field as the application passed it: EADDRE
     expect(next.accepted).toEqual(['next@d.test']);
     expect(transactionsOf(server).flatMap((t) => t.rcptAttempts)).toEqual(['next@d.test']);
   });
+});
+
+test('a reply in the middle of DATA retires the connection: the rest of the message never becomes the next command (found by review)', async () => {
+  // A server that answers 552 as soon as message bytes arrive, before the dot, and reads on.
+  const seen: { connection: number; lines: string[]; leftInData: string; dataBytes: number }[] = [];
+  const server = createServer((socket) => {
+    const record = { connection: seen.length + 1, lines: [] as string[], leftInData: '', dataBytes: 0 };
+    seen.push(record);
+    let inData = false;
+    let messages = 0;
+    let answeredEarly = false;
+    let buffer = '';
+    socket.on('error', () => undefined);
+    socket.write('220 early.test ESMTP\r\n');
+    socket.on('data', (chunk: Buffer) => {
+      buffer += chunk.toString('latin1');
+      if (inData) {
+        record.dataBytes += chunk.length;
+        // The first message of the server's life gets its answer early.
+        const early = seen.length === 1 && messages === 0;
+        if (early && !answeredEarly) {
+          answeredEarly = true;
+          socket.write('552 5.3.4 message too big for this mailbox\r\n');
+          // Stop reading for a moment, so the client is still writing when the reply comes.
+          socket.pause();
+          setTimeout(() => socket.resume(), 300);
+        }
+        record.leftInData = buffer.slice(-200);
+        const end = buffer.indexOf('\r\n.\r\n');
+        if (end === -1) return;
+        buffer = buffer.slice(end + 5);
+        inData = false;
+        messages++;
+        if (!early) socket.write('250 2.0.0 queued\r\n');
+      }
+      for (let eol = buffer.indexOf('\r\n'); eol !== -1 && !inData; eol = buffer.indexOf('\r\n')) {
+        const line = buffer.slice(0, eol);
+        buffer = buffer.slice(eol + 2);
+        record.lines.push(line);
+        const verb = line.slice(0, 4).toUpperCase();
+        if (verb === 'EHLO') socket.write('250-early.test\r\n250 8BITMIME\r\n');
+        else if (verb === 'DATA') {
+          inData = true;
+          socket.write('354 go ahead\r\n');
+        } else if (verb === 'QUIT') socket.end('221 bye\r\n');
+        else socket.write(line.length > 100 ? '500 5.5.2 line too long\r\n' : '250 ok\r\n');
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  onCleanup(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  const port = (server.address() as AddressInfo).port;
+  const { transporter } = transport({ route: { host: '127.0.0.1', port }, maxOutboundConnections: 1, socketTimeout: 2_000 });
+  const big = {
+    from: 's@example.com',
+    to: 'a@x.test',
+    subject: 'big',
+    text: 'x'.repeat(70) + '\n',
+    attachments: [{ filename: 'a.bin', content: Buffer.alloc(30 * 1024 * 1024, 7) }],
+  };
+  const err = (await transporter.sendMail(big).catch((e: unknown) => e)) as BindingPoolSendError;
+  expect(err).toMatchObject({ code: 'EREJECTED', rejected: ['a@x.test'] });
+  expect(err.domains[0].rejected[0]).toMatchObject({ responseCode: 552 });
+  const next = await transporter.sendMail({ from: 's@example.com', to: 'b@x.test', subject: 'next', text: 'next\n' });
+  expect(next.accepted).toEqual(['b@x.test']);
+  // The client stopped writing the message at the 552 and dropped the connection: no RSET, MAIL
+  // or QUIT went into the message, and the next one went over a new connection.
+  expect(seen).toHaveLength(2);
+  expect(seen[0].lines.slice(seen[0].lines.indexOf('DATA') + 1)).toEqual([]);
+  expect(seen[0].leftInData).not.toMatch(/RSET|MAIL FROM|QUIT/);
+  // It stopped: far less than the 40 MiB message reached the server.
+  expect(seen[0].dataBytes).toBeLessThan(30 * 1024 * 1024);
+  expect(seen[1].lines.filter((l) => /^RCPT TO:<b@x\.test>/.test(l))).toHaveLength(1);
 });

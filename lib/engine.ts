@@ -11,7 +11,7 @@ import { deliverToDomain, emptyDomainResult, type DomainResult } from './deliver
 import { BindingPoolError, describeError } from './errors';
 import { MxResolver } from './mx-resolver';
 import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from './options';
-import { PoolRegistry, type ConnectionSummary, type DestinationPool, type DroppedPoolTotals, type PoolStats } from './pool-registry';
+import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
 import type { Recipient } from './recipients';
 import { Router } from './routing';
 
@@ -126,43 +126,33 @@ export class LocalEngine extends EventEmitter implements Engine {
   ): Promise<DomainResult> {
     // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
     const pool = this.registry.get(binding.name, domain);
+    const options = pool.options;
+    // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it.
     pool.enter();
     try {
-      return await this.deliverOverPool(pool, binding, domain, recipients, envelope, message);
+      if (!options.route) {
+        const decision = await this.router.decide(binding, domain, options);
+        if (decision.kind !== 'hops') {
+          // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
+          const result = emptyDomainResult(domain, binding.name);
+          const status = decision.kind === 'reject' ? 'rejected' : 'pending';
+          result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
+          return result;
+        }
+      }
+      return await deliverToDomain({
+        domain,
+        binding: binding.name,
+        pool,
+        envelope,
+        message,
+        recipients,
+        maxAttempts: options.maxAttempts,
+        maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
+        maxConnections: options.maxOutboundConnections,
+      });
     } finally {
       pool.leave();
     }
-  }
-
-  private async deliverOverPool(
-    pool: DestinationPool,
-    binding: Binding,
-    domain: string,
-    recipients: Recipient[],
-    envelope: TransactionEnvelope,
-    message: Buffer,
-  ): Promise<DomainResult> {
-    const options = pool.options;
-    if (!options.route) {
-      const decision = await this.router.decide(binding, domain, options);
-      if (decision.kind !== 'hops') {
-        // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
-        const result = emptyDomainResult(domain, binding.name);
-        const status = decision.kind === 'reject' ? 'rejected' : 'pending';
-        result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
-        return result;
-      }
-    }
-    return deliverToDomain({
-      domain,
-      binding: binding.name,
-      pool,
-      envelope,
-      message,
-      recipients,
-      maxAttempts: options.maxAttempts,
-      maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
-      maxConnections: options.maxOutboundConnections,
-    });
   }
 }

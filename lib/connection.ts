@@ -133,7 +133,8 @@ export class CountingConnection {
       socketTimeout: target.socketTimeout,
       logger: false,
     });
-    this.lmtpSink = recordLmtpReplies(this.smtp);
+    // Only an LMTP session has per-recipient replies to record (the hook shadows a method).
+    this.lmtpSink = target.lmtp ? recordLmtpReplies(this.smtp) : undefined;
     // SMTPConnection emits 'error' and also hands the error to the callback in flight; the
     // callback is where it is handled, the event only must not crash the process.
     this.smtp.on('error', (err: Error) => connectionLog('%s error: %s', this.id, err.message));
@@ -220,7 +221,17 @@ export class CountingConnection {
     this.recipients += rcpts.length;
     const handover = new MessageHandover(message, socketOf(this.smtp));
     // A fresh object per transaction: SMTPConnection records the RCPT replies on it.
-    const state: SMTPConnection.Envelope & EnvelopeRecord = { ...envelope, to: rcpts as string[] };
+    // A plain literal of five fields, not a spread: SMTPConnection adds its own fields to this
+    // object, and a spread copy, or a sixth field, made each message about 30 µs slower here
+    // (one connection, raw messages, process.cpuUsage()). REQUIRETLS is added only when asked.
+    const state: SMTPConnection.Envelope & EnvelopeRecord & Pick<TransactionEnvelope, 'requireTLSExtensionEnabled'> = {
+      from: envelope.from,
+      size: envelope.size,
+      dsn: envelope.dsn,
+      use8BitMime: envelope.use8BitMime,
+      to: rcpts as string[],
+    };
+    if (envelope.requireTLSExtensionEnabled) state.requireTLSExtensionEnabled = true;
     const lmtpReplies: LmtpReply[] = [];
     this.lmtpSink?.(lmtpReplies);
     const { err, info } = await new Promise<{ err: SmtpError | null; info?: SMTPConnection.SentMessageInfo }>((resolve) =>

@@ -133,7 +133,7 @@ function delivered(rcpt: string, reply: ServerReply): RecipientReply {
 }
 
 /** A server reply as a verdict: 421 only closes the connection, 4xx defers, 5xx rejects. */
-export function fromReply(rcpt: string, reply: ServerReply): RecipientReply {
+function fromReply(rcpt: string, reply: ServerReply): RecipientReply {
   const verdict = reply.code === CLOSING ? 'retry' : reply.code >= 500 ? 'rejected' : reply.code >= 400 ? 'deferred' : 'delivered';
   return { rcpt, verdict, response: reply.response, responseCode: reply.code };
 }

@@ -315,6 +315,7 @@ const WHY: Record<RetireReason, string> = {
   serverClosed: 'server closed it (421)',
   error: 'connection error',
   idle: 'idle',
+  evicted: 'closed idle to free a host slot',
   shutdown: 'transporter closed',
 };
 

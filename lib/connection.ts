@@ -69,6 +69,8 @@ export type RetireReason =
   | 'error'
   /** Unused for idleTimeout. */
   | 'idle'
+  /** Closed while idle to free a slot on its host for another pool (maxHostConnections). */
+  | 'evicted'
   /** The transport closed. */
   | 'shutdown';
 
@@ -106,6 +108,8 @@ export class CountingConnection {
   recipients = 0;
   transactions = 0;
   retireReason: RetireReason | undefined;
+  /** The server's 421 that closed it, if one did: a pool reads it as a per-connection limit or a throttle. */
+  closingReply: string | undefined;
   private readonly smtp: SMTPConnection;
   private ended = false;
   private readonly endWaiters: (() => void)[] = [];
@@ -275,8 +279,10 @@ export class CountingConnection {
    */
   private retireAfter(failure: TransactionFailure, progress: MessageProgress): void {
     const reply = failure.kind === 'refused' ? undefined : failure.reply;
-    if (reply?.code === 421) this.retire('serverClosed');
-    else if (failure.kind === 'broken' || progress === 'partial' || this.ended || !peerOpen(this.smtp)) this.retire('error');
+    if (reply?.code === 421) {
+      this.closingReply = reply.response;
+      this.retire('serverClosed');
+    } else if (failure.kind === 'broken' || progress === 'partial' || this.ended || !peerOpen(this.smtp)) this.retire('error');
   }
 
   /**
@@ -297,6 +303,12 @@ export class CountingConnection {
         resolve();
       });
     });
+  }
+
+  /** Resolves when the session has ended (the socket closed, for whatever reason). */
+  whenEnded(): Promise<void> {
+    if (this.ended) return Promise.resolve();
+    return new Promise((resolve) => this.endWaiters.push(resolve));
   }
 
   /** Marks the connection as done; it will be closed and not handed out again. */

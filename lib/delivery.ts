@@ -4,7 +4,7 @@
  * the connection broke under, goes on over another pooled connection, a bounded number of times.
  * Every recipient ends with exactly one outcome; one the server may have taken is never resent.
  */
-import { describeError } from './errors';
+import { describeError, type BindingPoolError } from './errors';
 import { describeTarget, type TransactionEnvelope } from './connection';
 import type { DestinationPool } from './pool-registry';
 import type { Recipient } from './recipients';
@@ -21,6 +21,8 @@ export interface RecipientOutcome {
   responseCode?: number;
   /** The host that gave the reply, when a connection was made. */
   host?: string;
+  /** Pending only: when the destination could take it (epoch ms), when known (the end of a backoff or throttle pause). */
+  retryAfter?: number;
 }
 
 export interface ConnectionUse {
@@ -62,6 +64,8 @@ interface QueuedRecipient {
 
 /** RFC 5321 3.3: 452 "too many recipients" asks for the rest in a new transaction. */
 const TOO_MANY_RECIPIENTS = 452;
+/** 421: the server closes the connection without taking the message. */
+const CLOSING = 421;
 
 export function emptyDomainResult(domain: string, binding: string): DomainResult {
   return { domain, binding, hosts: [], connections: [], accepted: [], rejected: [], pending: [] };
@@ -72,10 +76,11 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
   const queue: QueuedRecipient[] = job.recipients.map((recipient) => ({ recipient, attempts: 0 }));
   const hosts = new Set<string>();
   const connections = new Map<string, ConnectionUse>();
-  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string): void => {
+  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string, retryAfter?: number): void => {
     const outcome: RecipientOutcome = { recipient: item.recipient.address, status, response };
     if (responseCode !== undefined) outcome.responseCode = responseCode;
     if (host !== undefined) outcome.host = host;
+    if (retryAfter !== undefined) outcome.retryAfter = retryAfter;
     result[status].push(outcome);
   };
 
@@ -87,7 +92,8 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         connection = await job.pool.acquire();
       } catch (err) {
         // The destination cannot be reached now: what is left is pending with that reason.
-        for (const item of queue.splice(0)) settle(item, 'pending', describeError(err));
+        const retryAfter = (err as BindingPoolError).retryAfter;
+        for (const item of queue.splice(0)) settle(item, 'pending', describeError(err), undefined, undefined, retryAfter);
         return;
       }
       const batch = queue.splice(0, connection.capacity());
@@ -96,6 +102,7 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         continue;
       }
       const host = describeTarget(connection.target);
+      const deliveredBefore = connection.deliveries;
       hosts.add(host);
       if (!connections.has(connection.id)) connections.set(connection.id, { id: connection.id, host, encrypted: connection.encrypted });
       const replies = await connection.send(
@@ -107,12 +114,17 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
       const again: QueuedRecipient[] = [];
       // A 452 in a transaction that settled other recipients is the server pacing them, not a
       // failure: it costs no attempt. Without progress it does, so a server that takes nobody ends.
-      const progressed = replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
+      // Likewise a 421 on a connection that had delivered: that connection's limit, not theirs
+      // (a 421 on a fresh connection does cost one: the pool pauses, see dial-gate.ts).
+      const progressed =
+        (deliveredBefore > 0 && connection.closingReply !== undefined) ||
+        replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
       replies.forEach((reply, i) => {
         const item = batch[i];
         const tooMany = reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS;
+        const connectionLimit = reply.verdict === 'retry' && reply.responseCode === CLOSING;
         const retryable = reply.verdict === 'retry' || tooMany;
-        if (retryable && (tooMany && progressed ? item.attempts : ++item.attempts) < job.maxAttempts) {
+        if (retryable && ((tooMany || connectionLimit) && progressed ? item.attempts : ++item.attempts) < job.maxAttempts) {
           again.push(item);
           return;
         }

@@ -9,6 +9,7 @@ import { ScopeResolver, type Binding, type SenderName } from './config';
 import type { TransactionEnvelope } from './connection';
 import { deliverToDomain, emptyDomainResult, type DomainResult } from './delivery';
 import { BindingPoolError, describeError } from './errors';
+import { HostSlots } from './host-slots';
 import { MxResolver } from './mx-resolver';
 import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from './options';
 import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
@@ -30,8 +31,8 @@ export interface EngineStats {
   pools: PoolStats[];
   /** Totals of pools already dropped for idleness. */
   droppedPools: DroppedPoolTotals;
-  /** DNS queries sent for MX delivery, and domains in the cache. */
-  dns: { queries: number; cachedDomains: number };
+  /** DNS queries sent for MX delivery (each try counts), and domains and MX host names in the cache. */
+  dns: { queries: number; cachedDomains: number; cachedHosts: number };
 }
 
 /** What the transport needs of an engine, in this thread or another. Emits 'connectionClosed'. */
@@ -41,6 +42,9 @@ export interface Engine extends EventEmitter {
   verify(): Promise<true>;
   close(): Promise<void>;
 }
+
+/** verify()'s dials own nothing the host could ask back, and are always wanted. */
+const VERIFY_DIAL = { owner: { closeIfIdle: () => false }, wanted: () => true, signal: new AbortController().signal };
 
 export class LocalEngine extends EventEmitter implements Engine {
   private readonly scopes: ScopeResolver;
@@ -57,9 +61,10 @@ export class LocalEngine extends EventEmitter implements Engine {
       minTtl: checked.minDnsTtl ?? DNS_OPTIONS.minDnsTtl.default,
       maxTtl: checked.maxDnsTtl ?? DNS_OPTIONS.maxDnsTtl.default,
       timeout: checked.dnsTimeout ?? DNS_OPTIONS.dnsTimeout.default,
+      retries: checked.dnsRetries ?? DNS_OPTIONS.dnsRetries.default,
       maxEntries: checked.dnsCacheSize ?? DNS_OPTIONS.dnsCacheSize.default,
     });
-    this.router = new Router(this.mx);
+    this.router = new Router(this.mx, new HostSlots());
     this.registry = new PoolRegistry(
       (bindingName, domain) => {
         const binding = this.scopes.binding(bindingName)!;
@@ -90,7 +95,7 @@ export class LocalEngine extends EventEmitter implements Engine {
   }
 
   stats(): EngineStats {
-    return { ...this.registry.stats(), dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains } };
+    return { ...this.registry.stats(), dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains, cachedHosts: this.mx.cachedHosts } };
   }
 
   /** Checks that every configured route accepts a connection; rejects naming the one that did not. */
@@ -100,7 +105,7 @@ export class LocalEngine extends EventEmitter implements Engine {
       // The options of the scope the route was set in: a domain stanza's (its tls, say), or none.
       const options: ResolvedOptions = { ...this.scopes.resolve(binding, domain), route };
       try {
-        const connection = await this.router.connectorFor(binding, domain ?? route.host, options)();
+        const connection = await this.router.connectorFor(binding, domain ?? route.host, options)(VERIFY_DIAL);
         await connection.close('shutdown');
       } catch (err) {
         throw new BindingPoolError(

@@ -16,6 +16,8 @@ export type BindingPoolErrorCode =
   | 'EACQUIRE'
   /** Opening a connection failed (or failed recently and the pool is backing off). */
   | 'ECONNECT'
+  /** The destination is throttling the binding (a 421 greeting, or a 421 at a new connection's first transaction): its sends are paused. */
+  | 'ETHROTTLED'
   /** Every recipient was rejected permanently. */
   | 'EREJECTED'
   /** No recipient was accepted and at least one is pending. */
@@ -27,11 +29,14 @@ export type BindingPoolErrorCode =
 
 export class BindingPoolError extends Error {
   readonly code: BindingPoolErrorCode;
+  /** When the destination could be tried again (epoch ms), when known: the end of a backoff or pause. */
+  readonly retryAfter?: number;
 
-  constructor(code: BindingPoolErrorCode, message: string, options?: { cause?: unknown }) {
+  constructor(code: BindingPoolErrorCode, message: string, options?: { cause?: unknown; retryAfter?: number }) {
     super(message, options);
     this.name = 'BindingPoolError';
     this.code = code;
+    if (options?.retryAfter !== undefined) this.retryAfter = options.retryAfter;
   }
 }
 

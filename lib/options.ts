@@ -47,6 +47,13 @@ export interface ScopedOptions {
   maxRecipientsPerTransaction?: number;
   /** Momentum `max_outbound_connections`: connections per (binding, domain) pool. Default 5. */
   maxOutboundConnections?: number;
+  /**
+   * The most connections from one binding to one server address (IP and port), across every
+   * domain's pool: a relay carrying 1 000 domains, or an MX host serving 150, never sees more.
+   * Pools share the host's slots; when the host is full, an idle connection of another pool is
+   * closed to free one. Default 20 (Postfix's `default_destination_concurrency_limit`).
+   */
+  maxHostConnections?: number;
   /** Momentum `idle_timeout` (ms here): an idle connection, and then an idle pool, is closed after it. Default 30 000. */
   idleTimeout?: number;
   /** How long a send waits for a free connection before its recipients go pending (ms). Default 30 000. */
@@ -68,17 +75,26 @@ export interface ScopedOptions {
   /** Port of the MX hosts (direct delivery). Default 25. */
   port?: number;
   /**
-   * Momentum `tls`: `no` never uses STARTTLS; `ifavailable` uses it when offered and goes on in
-   * plain text when the server answers STARTTLS with an error; `required` never sends in clear:
-   * recipients stay pending when a host offers no STARTTLS or the handshake fails. Default
-   * `ifavailable`. A route's own `requireTLS` / `ignoreTLS` win over it.
+   * STARTTLS and certificate policy (Momentum `tls` / `tls_verify`, Postfix `smtp_tls_security_level`;
+   * the table is in tls-policy.ts and the README). `no` never uses STARTTLS (Postfix `none`).
+   * `ifavailable` (Postfix `may`, RFC 7435) uses it when offered; for MX hosts without requiring
+   * a valid certificate, and when the server answers STARTTLS with an error or the handshake
+   * fails, the message goes on in plain text (on a new connection to the same host when the
+   * failed handshake ended the session). `required` (Postfix `encrypt`) never sends in clear:
+   * recipients stay pending when a host offers no STARTTLS or the handshake fails; an MX host's
+   * certificate is not checked. `verified` (Postfix `verify`) is `required` with the certificate
+   * checked: a trusted chain for the MX host's name, whatever `rejectUnauthorized` says. `tlsOptions`
+   * may turn the check on at `ifavailable` / `required`. A route keeps Node's certificate checks at
+   * every level unless its own `tls` (or `tlsOptions`) turns them off, is never retried in plain
+   * text, and its own `requireTLS` / `ignoreTLS` win over the level. Default `ifavailable`.
    */
   tls?: TlsPolicy;
   /** Node TLS options for every connection in this scope (merged under a route's own `tls`). Default: none (Node's defaults). */
   tlsOptions?: TlsConnectionOptions;
 }
 
-export type TlsPolicy = 'no' | 'ifavailable' | 'required';
+/** See `ScopedOptions.tls`: `no` < `ifavailable` < `required` < `verified`. */
+export type TlsPolicy = 'no' | 'ifavailable' | 'required' | 'verified';
 
 /** A binding's or binding group's per-domain stanza, and a global domain stanza (Momentum `domain`). */
 export type DomainOptions = ScopedOptions;
@@ -129,9 +145,15 @@ export interface BindingPoolOptions extends ScopedOptions {
   minDnsTtl?: number;
   /** Momentum `max_dns_ttl` (seconds): answers are cached at most this long. Default 3600. */
   maxDnsTtl?: number;
-  /** How long one DNS query may take (ms) before the domain's recipients go pending. Default 5 000. */
+  /**
+   * How long one try of a DNS query may take (ms); after the last try (`dnsRetries`) the domain's
+   * recipients go pending. Node's resolver (c-ares) uses it until it has timed the server, then
+   * its own estimate from the server's latency. Default 5 000.
+   */
   dnsTimeout?: number;
-  /** Domains kept in the DNS cache at most; the least recently added go first. Default 10 000. */
+  /** Tries after the first when the DNS server does not answer a query in `dnsTimeout` or refuses it (ETIMEOUT, ECONNREFUSED): one lost UDP packet leaves nothing pending. Default 2. */
+  dnsRetries?: number;
+  /** Domains kept in the DNS cache at most, and as many MX host names (their addresses, shared by every domain naming them); the least recently added go first. Default 10 000. */
   dnsCacheSize?: number;
   /**
    * The most bytes of messages read (built) and not yet delivered, across the transport. A send
@@ -165,6 +187,7 @@ export const SCOPED_OPTIONS = {
   maxRecipientsPerConnection: { kind: 'count', default: 0, momentum: 'max_recipients_per_connection' },
   maxRecipientsPerTransaction: { kind: 'positive', default: 100, momentum: 'max_recipients_per_batch' },
   maxOutboundConnections: { kind: 'positive', default: 5, momentum: 'max_outbound_connections' },
+  maxHostConnections: { kind: 'positive', default: 20 },
   idleTimeout: { kind: 'milliseconds', default: 30_000, momentum: 'idle_timeout' },
   acquireTimeout: { kind: 'milliseconds', default: 30_000 },
   connectionTimeout: { kind: 'milliseconds', default: 30_000, momentum: 'connect_timeout' },
@@ -190,6 +213,7 @@ export const DNS_OPTIONS = {
   minDnsTtl: { min: 0, default: 30 },
   maxDnsTtl: { min: 1, default: 3600 },
   dnsTimeout: { min: 1, default: 5_000 },
+  dnsRetries: { min: 0, default: 2 },
   dnsCacheSize: { min: 1, default: 10_000 },
 } as const;
 

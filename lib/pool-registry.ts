@@ -1,21 +1,31 @@
 /**
  * Pools of connections, one per (binding, destination domain), created on first use and dropped
- * when idle. Each pool is a generic-pool with the guards generic-pool lacks:
+ * when idle. generic-pool keeps the cap, the idle list and idle eviction; around it, one dispatch
+ * loop (`dispatch`) decides who gets the next connection, when to dial and when a send gives up,
+ * the way undici's Pool is a small dispatch rule over its clients. Its rules:
  *
- * - A factory create() that rejects is retried by generic-pool in a tight loop while sends wait.
- *   Here create() never rejects: a failed connect resolves to a ConnectFailure entry that the
- *   waiting acquire turns into an ECONNECT error, and for a backoff period after a failure
- *   create() hands out such entries without dialing. A dead destination costs one connect
- *   attempt per backoff period, not a busy loop.
- * - Every acquire is bounded by `acquireTimeout`, counted from the last time the pool handed a
+ * - Sends wait in one FIFO queue here, not in generic-pool's (which cannot cancel a request): a
+ *   send that gave up leaves nothing behind, and a connection coming back goes straight to the
+ *   oldest waiting send.
+ * - A dial starts only for a send that no idle connection or dial under way will serve, within
+ *   the pool's cap (connections still closing count), and when the DialGate allows it (connect
+ *   backoff, throttle pause, probation after a 421: see dial-gate.ts). A dial also needs a slot
+ *   on its host, shared with other pools (host-slots.ts).
+ * - A failed dial fails no send that an open connection can serve. Only when nothing is open or
+ *   dialling do the waiting sends fail, at once (ECONNECT), as does a send during the backoff.
+ * - A throttle pause holds every send; a send whose wait would outlast `acquireTimeout` goes
+ *   pending at once, with the pause's end as `retryAfter`.
+ * - A wait is bounded by `acquireTimeout`, counted from the last time the pool handed a
  *   connection to any send: a stuck destination fails its waiting sends, while a long queue
- *   that keeps moving (a batch of 100 000 messages) is not cut short (generic-pool's own
- *   acquireTimeoutMillis would time out every send queued longer than that).
- * - drain() destroys nothing: close() drains and then clears, and waits for every socket.
+ *   that keeps moving (a batch of 100 000 messages) is not cut short.
+ * - generic-pool's factory create() never rejects (it would retry in a tight loop): a dial that
+ *   produced nothing resolves to a NoConnection entry, dropped when generic-pool hands it out.
  */
 import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from './errors';
 import { describeTarget, type CountingConnection, type RetireReason } from './connection';
+import { DialGate } from './dial-gate';
+import { neededElsewhere, SlotCancelled, type SlotOwner } from './host-slots';
 import type { ResolvedOptions } from './options';
 import { poolLog } from './log';
 
@@ -27,8 +37,15 @@ export interface PoolSettings {
   maxConnectBackoff: number;
 }
 
-/** Opens a connection for a pool; rejects with the connect error. */
-export type Connector = () => Promise<CountingConnection>;
+/** What a dial needs from its pool: who owns the connection, whether it is still wanted, and when to give up. */
+export interface DialRequest {
+  owner: SlotOwner;
+  wanted: () => boolean;
+  signal: AbortSignal;
+}
+
+/** Opens a connection for a pool; rejects with the connect error (a DialFailure from routing). */
+export type Connector = (request: DialRequest) => Promise<CountingConnection>;
 
 export interface PoolSpec {
   /** The pair's options, resolved once for the pool's life. */
@@ -67,48 +84,50 @@ export interface PoolStats {
   deliveries: number;
   recipients: number;
   retired: Partial<Record<RetireReason, number>>;
+  /** Set while the pair is paused after the receiver throttled it (epoch ms of the pause's end). */
+  pausedUntil?: number;
+  /** Set while the pool backs off after failed connects (epoch ms). */
+  backoffUntil?: number;
 }
 
-/** Stands in a pool for a connect that failed, so create() never rejects (see above). */
-class ConnectFailure {
-  constructor(
-    readonly error: BindingPoolError,
-    /** The end of the backoff it stands for: borrowed later, it is stale. */
-    readonly validUntil: number,
-  ) {}
-}
+/** A dial that produced no connection, so that create() never rejects (see above). */
+class NoConnection {}
 
-type PoolEntry = CountingConnection | ConnectFailure;
+type PoolEntry = CountingConnection | NoConnection;
 
-/** A send waiting for generic-pool to hand it an entry. */
-interface EntryWaiter {
+/** A send waiting for a connection. */
+interface Waiter {
   since: number;
+  resolve(connection: CountingConnection): void;
   reject(err: BindingPoolError): void;
 }
 
-export class DestinationPool {
+export class DestinationPool implements SlotOwner {
   readonly binding: string;
   readonly domain: string;
   readonly options: ResolvedOptions;
   private readonly settings: PoolSettings;
   private readonly connect: Connector;
   private readonly pool: Pool<PoolEntry>;
+  private readonly gate: DialGate;
+  /** Connections from open until their socket is gone; `idle` those in generic-pool's idle list. */
   private readonly live = new Set<CountingConnection>();
+  private readonly idleConnections = new Set<CountingConnection>();
   private readonly totals = { opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 };
   private readonly retired: Partial<Record<RetireReason, number>> = {};
-  private consecutiveFailures = 0;
-  private backoffUntil = 0;
-  private lastConnectError: unknown;
+  /** Sends waiting, oldest first (a Set: one that gives up leaves from the middle). */
+  private readonly waiters = new Set<Waiter>();
+  /** generic-pool acquires under way (an idle connection on its way, or a dial), and dials. */
+  private grants = 0;
+  private dialing = 0;
+  /** Set by a failed dial: the sends waiting then get its own error, later ones the backoff's. */
+  private freshFailure: BindingPoolError | undefined;
+  private lastHandout = 0;
+  private wakeTimer: NodeJS.Timeout | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
   /** Set once close() is called: why the pool's remaining connections are closed. */
   private closing: 'idle' | 'shutdown' | undefined;
-  private idleTimer: NodeJS.Timeout | undefined;
-  /** Connects in progress, and create() calls waiting for a closing connection to free its slot. */
-  private dialing = 0;
-  private readonly slotWaiters: (() => void)[] = [];
-  /** Sends waiting for an entry, oldest first; one left out was given up (acquireTimeout). */
-  private readonly entryWaiters = new Set<EntryWaiter>();
-  private lastHandout = 0;
-  private stallTimer: NodeJS.Timeout | undefined;
+  private readonly abort = new AbortController();
   /** Deliveries under way for this pool, also between acquires (an MX lookup, a retry): it is not idle then. */
   private deliveries = 0;
 
@@ -124,18 +143,15 @@ export class DestinationPool {
     this.options = spec.options;
     this.settings = spec.settings;
     this.connect = spec.connect;
+    this.gate = new DialGate(spec.settings);
     const { maxConnections, idleTimeout } = this.settings;
     this.pool = createPool<PoolEntry>(
-      {
-        create: () => this.create(),
-        destroy: (entry) => this.destroy(entry),
-      },
+      { create: () => this.create(), destroy: (entry) => this.destroy(entry) },
       {
         max: maxConnections,
         min: 0,
-        // No acquireTimeoutMillis: nextEntry() bounds waits without progress (see above).
-        // Checked in acquire() instead: generic-pool's validation is asynchronous and would add
-        // promise turns to every acquire.
+        // No acquireTimeoutMillis and no validation: dispatch() decides (see above), and
+        // generic-pool's validation is asynchronous (promise turns on every acquire).
         testOnBorrow: false,
         // Most recently used first, so a trickle keeps one connection warm and the rest idle out.
         fifo: false,
@@ -149,101 +165,137 @@ export class DestinationPool {
     this.armIdleTimer();
   }
 
-  /** A connection for one transaction; rejects with ECONNECT or EACQUIRE. */
-  async acquire(): Promise<CountingConnection> {
-    if (this.closing) throw new BindingPoolError('ECLOSED', 'the transport is closing');
+  /** A connection for one transaction; rejects with ECONNECT, EACQUIRE or ETHROTTLED. */
+  acquire(): Promise<CountingConnection> {
+    if (this.closing) return Promise.reject(new BindingPoolError('ECLOSED', 'the transport is closing'));
     clearTimeout(this.idleTimer);
-    for (;;) {
-      let entry: PoolEntry;
-      try {
-        entry = await this.nextEntry();
-      } catch (err) {
-        this.armIdleTimer();
-        // generic-pool itself refuses only while it drains, i.e. when the transport closes.
-        throw err instanceof BindingPoolError ? err : new BindingPoolError('ECLOSED', `the transport is closing (${describeError(err)})`, { cause: err });
-      }
-      if (entry instanceof ConnectFailure) {
-        await this.pool.destroy(entry);
-        // Left idle by a send that gave up waiting (acquireTimeout) before the connect failed:
-        // once its backoff is over it must not fail this send; take another (create() dials).
-        if (Date.now() >= entry.validUntil) continue;
-        this.armIdleTimer();
-        throw entry.error;
-      }
-      if (entry.usable) return entry;
-      // The server closed it while it sat idle (an idle timeout, a 421): close it, take another.
-      void this.pool.destroy(entry);
-    }
-  }
-
-  /**
-   * The next entry generic-pool hands out, or EACQUIRE once the pool has handed nothing to any
-   * send for acquireTimeout while this one waited. A given-up request stays in generic-pool's
-   * queue (it has no cancel); what it is handed later goes straight back.
-   */
-  private nextEntry(): Promise<PoolEntry> {
     return new Promise((resolve, reject) => {
-      const waiter: EntryWaiter = { since: Date.now(), reject };
-      this.entryWaiters.add(waiter);
-      this.watchForStall();
-      this.pool.acquire().then(
-        (entry) => {
-          this.lastHandout = Date.now();
-          if (this.entryWaiters.delete(waiter)) resolve(entry);
-          else this.giveBack(entry);
-          this.stopStallWatchIfNoneWait();
-        },
-        (err: unknown) => {
-          if (this.entryWaiters.delete(waiter)) reject(err);
-          this.stopStallWatchIfNoneWait();
-        },
-      );
+      this.waiters.add({ since: Date.now(), resolve, reject });
+      this.dispatch();
     });
   }
 
-  /** One timer for all waiting sends, due when the oldest would have waited acquireTimeout without progress. */
-  private watchForStall(): void {
-    if (this.stallTimer !== undefined) return;
-    const oldest = this.entryWaiters.values().next().value;
-    if (!oldest) return;
+  /** Takes a connection back after a transaction: to the oldest waiting send, else idle; a spent one is closed. */
+  release(connection: CountingConnection): void {
+    const now = Date.now();
+    this.gate.afterTransaction(connection, now);
+    if (!connection.usable) {
+      this.afterReturn(this.pool.destroy(connection));
+    } else if (this.waiters.size > 0 && !this.gate.paused(now)) {
+      this.handOut(this.waiters.values().next().value!, connection, now);
+      return;
+    } else {
+      this.toIdle(connection);
+    }
+    if (this.waiters.size > 0) this.dispatch();
+  }
+
+  /**
+   * The pool's one decision point, run whenever something changed (a send came, a connection
+   * came back or closed, a dial ended, a timer fired).
+   */
+  private dispatch(): void {
+    if (this.closing) return;
+    const now = Date.now();
+    this.giveUpOverdue(now);
+    while (this.waiters.size > this.grants && !this.gate.paused(now)) {
+      // An idle connection first; else a dial, if the cap and the gate allow one.
+      if (this.pool.available === 0 && !this.mayDial(now)) break;
+      this.grant();
+    }
+    if (this.waiters.size > this.grants && this.dialing === 0 && !this.anyServing()) this.failWaiting(now);
+    this.freshFailure = undefined;
+    this.armWakeTimer(now);
+  }
+
+  private mayDial(now: number): boolean {
+    return this.live.size + this.dialing < this.settings.maxConnections && this.gate.mayDial(now, this.dialing);
+  }
+
+  /** Sends whose wait has passed acquireTimeout, or would before a throttle pause ends, give up now. */
+  private giveUpOverdue(now: number): void {
     const timeout = this.settings.acquireTimeout;
-    const due = Math.max(oldest.since, this.lastHandout) + timeout;
-    this.stallTimer = setTimeout(
-      () => {
-        this.stallTimer = undefined;
-        const now = Date.now();
-        for (const waiter of this.entryWaiters) {
-          if (Math.max(waiter.since, this.lastHandout) + timeout > now) break;
-          this.entryWaiters.delete(waiter);
-          waiter.reject(
-            new BindingPoolError(
-              'EACQUIRE',
-              `no connection to ${this.domain} became free within ${timeout} ms (the pool handed none to any send in that time)`,
-            ),
-          );
-        }
-        this.watchForStall();
+    const paused = this.gate.paused(now);
+    for (const waiter of this.waiters) {
+      const deadline = Math.max(waiter.since, this.lastHandout) + timeout;
+      if (deadline > now && !(paused && deadline < this.gate.pauseEnds)) break;
+      this.waiters.delete(waiter);
+      waiter.reject(deadline > now ? this.pauseError(now) : this.acquireError(timeout));
+    }
+  }
+
+  /** Nothing open can serve the waiting sends and no dial is possible now: they fail at once. */
+  private failWaiting(now: number): void {
+    if (this.gate.paused(now) || !this.gate.backingOff(now)) return;
+    const err = this.freshFailure ?? this.backoffError(now);
+    for (const waiter of this.waiters) waiter.reject(err);
+    this.waiters.clear();
+    this.armIdleTimer();
+  }
+
+  /** An open connection not retired: it will serve the queue when it comes back. */
+  private anyServing(): boolean {
+    for (const connection of this.live) if (connection.retireReason === undefined) return true;
+    return false;
+  }
+
+  /** Asks generic-pool for an entry: an idle connection, or a dial (create) when none is idle. */
+  private grant(): void {
+    this.grants++;
+    this.pool.acquire().then(
+      (entry) => this.granted(entry),
+      (err: unknown) => {
+        // generic-pool refuses only while it drains, i.e. when the transport closes.
+        this.grants--;
+        this.rejectAll(new BindingPoolError('ECLOSED', `the transport is closing (${describeError(err)})`, { cause: err }));
       },
-      Math.max(0, due - Date.now()),
     );
   }
 
-  /** Without waiters the timer would only hold the pool (and the process) for acquireTimeout. */
-  private stopStallWatchIfNoneWait(): void {
-    if (this.entryWaiters.size > 0 || this.stallTimer === undefined) return;
-    clearTimeout(this.stallTimer);
-    this.stallTimer = undefined;
+  private granted(entry: PoolEntry): void {
+    this.grants--;
+    if (entry instanceof NoConnection || !entry.usable) {
+      // A dial that produced nothing, or a connection the server closed while it sat idle.
+      if (entry instanceof NoConnection) void this.pool.destroy(entry);
+      else this.afterReturn(this.pool.destroy(entry));
+      this.dispatch();
+      return;
+    }
+    this.idleConnections.delete(entry);
+    const now = Date.now();
+    const waiter = this.gate.paused(now) ? undefined : this.waiters.values().next().value;
+    if (waiter) this.handOut(waiter, entry, now);
+    else this.toIdle(entry);
   }
 
-  /** An entry handed to a send that had given up: a connection goes back to the pool, a failure is dropped. */
-  private giveBack(entry: PoolEntry): void {
-    if (entry instanceof ConnectFailure) this.afterReturn(this.pool.destroy(entry));
-    else this.release(entry);
+  private handOut(waiter: Waiter, connection: CountingConnection, now: number): void {
+    this.waiters.delete(waiter);
+    this.lastHandout = now;
+    waiter.resolve(connection);
   }
 
-  /** Takes a connection back after a transaction; a retired or broken one is closed. */
-  release(connection: CountingConnection): void {
-    this.afterReturn(connection.usable ? this.pool.release(connection) : this.pool.destroy(connection));
+  private toIdle(connection: CountingConnection): void {
+    if (neededElsewhere(connection, this)) {
+      // Another pool waits for this host's slot: the connection goes, not into the idle list.
+      connection.retire('evicted');
+      this.afterReturn(this.pool.destroy(connection));
+      return;
+    }
+    this.idleConnections.add(connection);
+    this.afterReturn(this.pool.release(connection));
+  }
+
+  /** Host slots: a connection of this pool held idle is closed to free its slot for another pool. */
+  closeIfIdle(connection: CountingConnection): boolean {
+    if (!this.idleConnections.delete(connection)) return false;
+    // It stays in generic-pool's idle list, no longer usable: the next handout drops it.
+    void connection.close('evicted');
+    return true;
+  }
+
+  /** Sends may wait for the dial: false once none does (a dial waiting for a host slot is then given up). */
+  private wantsDial(): boolean {
+    return !this.closing && this.waiters.size > 0;
   }
 
   private afterReturn(done: Promise<void>): void {
@@ -253,14 +305,54 @@ export class DestinationPool {
     );
   }
 
-  /** False while the pool is backing off after failed connects. */
-  get healthy(): boolean {
-    return Date.now() >= this.backoffUntil;
+  /** One timer for the pool: the oldest send's deadline, or the end of a pause or backoff sends wait for. */
+  private armWakeTimer(now: number): void {
+    clearTimeout(this.wakeTimer);
+    this.wakeTimer = undefined;
+    const oldest = this.waiters.values().next().value;
+    if (!oldest) return;
+    let due = Math.max(oldest.since, this.lastHandout) + this.settings.acquireTimeout;
+    if (this.waiters.size > this.grants && this.gate.reopensAt > now) due = Math.min(due, this.gate.reopensAt);
+    this.wakeTimer = setTimeout(() => this.dispatch(), Math.max(0, due - now));
   }
 
-  /** No delivery under way, no connection lent out, no send waiting. */
+  private acquireError(timeout: number): BindingPoolError {
+    return new BindingPoolError('EACQUIRE', `no connection to ${this.domain} became free within ${timeout} ms (the pool handed none to any send in that time)`);
+  }
+
+  private pauseError(now: number): BindingPoolError {
+    const ends = this.gate.pauseEnds;
+    return new BindingPoolError(
+      'ETHROTTLED',
+      `${this.domain} is throttling this binding (${this.gate.throttleReply}); sends paused for ${ends - now} ms, past acquireTimeout`,
+      { retryAfter: ends },
+    );
+  }
+
+  private backoffError(now: number): BindingPoolError {
+    const ends = this.gate.backoffEnds;
+    const last = this.gate.lastError;
+    return new BindingPoolError(
+      'ECONNECT',
+      `connecting to ${this.domain} failed ${this.gate.failuresInRow} time(s) in a row; next attempt in ${ends - now} ms (last error: ${describeError(last)})`,
+      { cause: last, retryAfter: ends },
+    );
+  }
+
+  private rejectAll(err: BindingPoolError): void {
+    for (const waiter of this.waiters) waiter.reject(err);
+    this.waiters.clear();
+  }
+
+  /** False while the pool backs off after failed connects or is paused by a throttling receiver. */
+  get healthy(): boolean {
+    const now = Date.now();
+    return !this.gate.backingOff(now) && !this.gate.paused(now);
+  }
+
+  /** No delivery under way, no connection lent out, no send waiting, no dial. */
   get idle(): boolean {
-    return this.deliveries === 0 && this.pool.borrowed === 0 && this.pool.pending === 0;
+    return this.deliveries === 0 && this.pool.borrowed === 0 && this.waiters.size === 0 && this.grants === 0 && this.dialing === 0;
   }
 
   /** A delivery starts: the pool is not dropped as idle until it ends (`leave`). */
@@ -283,22 +375,29 @@ export class DestinationPool {
       sum.recipients += connection.recipients;
       if (connection.encrypted) encrypted++;
     }
-    return {
+    const now = Date.now();
+    const stats: PoolStats = {
       binding: this.binding,
       domain: this.domain,
       open: this.live.size,
       busy: this.pool.borrowed,
-      waiting: this.pool.pending,
+      waiting: this.waiters.size,
       encrypted,
       ...sum,
       retired: { ...this.retired },
     };
+    if (this.gate.paused(now)) stats.pausedUntil = this.gate.pauseEnds;
+    if (this.gate.backingOff(now)) stats.backoffUntil = this.gate.backoffEnds;
+    return stats;
   }
 
   /** Lets lent connections come back, then QUITs every connection; resolves when all sockets are gone. */
   async close(reason: 'idle' | 'shutdown'): Promise<void> {
     this.closing = reason;
     clearTimeout(this.idleTimer);
+    clearTimeout(this.wakeTimer);
+    this.abort.abort();
+    this.rejectAll(new BindingPoolError('ECLOSED', 'the transport is closing'));
     await this.pool.drain();
     await this.pool.clear();
   }
@@ -312,58 +411,37 @@ export class DestinationPool {
   }
 
   private async create(): Promise<PoolEntry> {
-    // generic-pool frees a connection's slot as soon as it starts destroying it, while the
-    // connection is still QUITting: wait for it, so that the destination never sees more than
-    // maxConnections sockets from this pool (`live` holds connections until they are closed).
-    while (this.live.size + this.dialing >= this.settings.maxConnections) {
-      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
-    }
-    const now = Date.now();
-    if (now < this.backoffUntil) {
-      return new ConnectFailure(
-        new BindingPoolError(
-          'ECONNECT',
-          `connecting to ${this.domain} failed ${this.consecutiveFailures} time(s) in a row; next attempt in ${this.backoffUntil - now} ms (last error: ${describeError(this.lastConnectError)})`,
-          { cause: this.lastConnectError },
-        ),
-        this.backoffUntil,
-      );
-    }
     this.dialing++;
+    const startedAt = Date.now();
     try {
-      const connection = await this.connect();
-      this.consecutiveFailures = 0;
-      this.backoffUntil = 0;
+      const connection = await this.connect({ owner: this, wanted: () => this.wantsDial(), signal: this.abort.signal });
       this.totals.opened++;
       this.live.add(connection);
+      this.gate.connected(connection);
       return connection;
     } catch (err) {
+      if (err instanceof SlotCancelled) return new NoConnection();
       this.totals.connectFailures++;
-      this.consecutiveFailures++;
-      this.lastConnectError = err;
-      const pause = Math.min(this.settings.connectBackoff * 2 ** (this.consecutiveFailures - 1), this.settings.maxConnectBackoff);
-      this.backoffUntil = Date.now() + pause;
-      poolLog('%s/%s connect failed (%d in a row), backing off %d ms: %s', this.binding, this.domain, this.consecutiveFailures, pause, describeError(err));
-      return new ConnectFailure(
-        new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, { cause: err }),
-        this.backoffUntil,
-      );
+      const now = Date.now();
+      this.gate.failed(err, startedAt, now);
+      this.freshFailure = new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, {
+        cause: err,
+        retryAfter: this.gate.reopensAt > now ? this.gate.reopensAt : undefined,
+      });
+      poolLog('%s/%s connect failed (%d in a row): %s', this.binding, this.domain, this.gate.failuresInRow, describeError(err));
+      return new NoConnection();
     } finally {
       this.dialing--;
-      this.wakeSlotWaiters();
     }
-  }
-
-  private wakeSlotWaiters(): void {
-    for (const wake of this.slotWaiters.splice(0)) wake();
   }
 
   private async destroy(entry: PoolEntry): Promise<void> {
-    if (entry instanceof ConnectFailure) return;
+    if (entry instanceof NoConnection) return;
+    this.idleConnections.delete(entry);
+    this.gate.forget(entry);
     const reason: RetireReason = entry.usable ? (this.closing ?? 'idle') : 'serverClosed';
     await entry.close(reason);
     this.live.delete(entry);
-    this.wakeSlotWaiters();
     const finalReason = entry.retireReason ?? reason;
     this.retired[finalReason] = (this.retired[finalReason] ?? 0) + 1;
     this.totals.transactions += entry.transactions;
@@ -381,6 +459,8 @@ export class DestinationPool {
       recipients: entry.recipients,
       reason: finalReason,
     });
+    // Its place in the cap is free only now that the socket is gone.
+    if (this.waiters.size > 0) this.dispatch();
   }
 }
 

@@ -9,14 +9,20 @@ import { describeError } from './errors';
 import { CountingConnection, type ConnectionTarget } from './connection';
 import type { Binding } from './config';
 import type { MxAnswer, MxResolver } from './mx-resolver';
-import type { ResolvedOptions, TlsPolicy } from './options';
+import type { ResolvedOptions } from './options';
 import type { Connector } from './pool-registry';
+import { tlsPlan, withPlainTextRetry, type TlsPlan } from './tls-policy';
+import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots, type HostState } from './host-slots';
 
 /** Everything a connection needs that depends on the host it goes to. */
 type Hop = Pick<
   ConnectionTarget,
   'host' | 'servername' | 'port' | 'secure' | 'requireTLS' | 'ignoreTLS' | 'opportunisticTLS' | 'lmtp' | 'tls' | 'auth' | 'allowUnencryptedAuth'
->;
+> &
+  Pick<TlsPlan, 'plainTextRetry'> & {
+    /** MX preference (0 for a route): lower first. */
+    priority: number;
+  };
 
 /**
  * Where a domain's recipients go: hosts to try, or a verdict reached without connecting (with
@@ -26,14 +32,22 @@ export type RouteDecision =
   { kind: 'hops'; hops: Hop[] } | { kind: 'reject'; responseCode: number; response: string } | { kind: 'defer'; responseCode: number; response: string };
 
 export class Router {
-  constructor(private readonly mx: MxResolver) {}
+  constructor(
+    private readonly mx: MxResolver,
+    private readonly slots: HostSlots,
+  ) {}
 
   async decide(binding: Binding, domain: string, options: ResolvedOptions): Promise<RouteDecision> {
     if (options.route) return { kind: 'hops', hops: [routeHop(options)] };
     return mxDecision(await this.mx.lookup(domain), binding, domain, options);
   }
 
-  /** Opens a connection for the pair: each host in turn until one takes it. */
+  /**
+   * Opens a connection for the pair. Hosts go in preference order; of equal preference, the one
+   * with the fewest connections from the binding first (spread per connection, RFC 5321 5.1);
+   * a host backing off after failed connects only when every host is. Each dial holds a slot on
+   * its host (maxHostConnections, shared with other pools), waiting for one when the host is full.
+   */
   connectorFor(binding: Binding, domain: string, options: ResolvedOptions): Connector {
     const limits = {
       maxDeliveries: options.maxDeliveriesPerConnection,
@@ -41,11 +55,14 @@ export class Router {
       maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
     };
     const label = `${binding.name}/${domain}`;
-    return async () => {
+    const backoff = { first: options.connectBackoff, max: options.maxConnectBackoff };
+    return async (request) => {
       const decision = await this.decide(binding, domain, options);
-      if (decision.kind !== 'hops') throw new Error(decision.response);
+      if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
       const failures: string[] = [];
-      for (const hop of decision.hops) {
+      let verdict: DialVerdict = 'unreachable';
+      for (const { hop, host } of this.dialOrder(binding, decision.hops)) {
+        const slot = await host.take(options.maxHostConnections, request.owner, request.wanted, request.signal);
         const target: ConnectionTarget = {
           ...hop,
           localAddress: binding.localAddress,
@@ -55,28 +72,82 @@ export class Router {
           socketTimeout: options.socketTimeout,
         };
         try {
-          return await CountingConnection.open(label, target, limits);
+          // tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
+          const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => CountingConnection.open(label, t, limits));
+          host.record('connected', 0, backoff);
+          host.attach(slot, connection, request.owner);
+          return connection;
         } catch (err) {
+          const others = host.held - 1;
+          slot.release();
+          const outcome = dialOutcome(err);
+          host.record(outcome, others, backoff);
+          verdict = worse(verdict, dialVerdict(outcome, others, err));
           // Refused, timed out, greeted with 4xx/421, or no TLS where it is required: next host.
           failures.push(`${hop.servername ?? hop.host}[${hop.host}]:${hop.port}: ${describeError(err)}`);
         }
       }
-      throw new Error(failures.join('; '));
+      throw new DialFailure(failures.join('; '), verdict);
     };
   }
+
+  private dialOrder(binding: Binding, hops: Hop[]): { hop: Hop; host: HostState }[] {
+    const now = Date.now();
+    const candidates = hops.map((hop, order) => {
+      const host = this.slots.host(binding.name, hop.host, hop.port);
+      return { hop, host, order, backingOff: host.backingOff(now), load: host.held, tieBreak: Math.random() };
+    });
+    const live = candidates.filter((c) => !c.backingOff);
+    const usable = live.length > 0 ? live : candidates;
+    return usable.sort((a, b) => a.hop.priority - b.hop.priority || a.load - b.load || a.tieBreak - b.tieBreak || a.order - b.order);
+  }
+}
+
+/** What the server's answer to a connect says about it. */
+function dialOutcome(err: unknown): DialOutcome {
+  const e = err as { code?: string; originalCode?: string; responseCode?: number; command?: string; message?: string };
+  // A greeting or EHLO answered 4xx/5xx: the server is there and says no.
+  if (e.responseCode !== undefined && (e.command === 'CONN' || e.command === 'EHLO')) return 'refused';
+  const code = e.originalCode ?? e.code;
+  if (code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EPIPE') return 'refused';
+  if (e.code === 'ECONNECTION' && /closed/i.test(e.message ?? '')) return 'refused';
+  if (e.code === 'ETIMEDOUT' || code === 'EHOSTUNREACH' || code === 'ENETUNREACH' || code === 'ETIMEDOUT') return 'unreachable';
+  return 'other';
+}
+
+/**
+ * A refusal while others are open is the host's connection cap (it learned); a greeting that
+ * says no with nothing open is the receiver throttling the binding; anything else, a dead host.
+ */
+function dialVerdict(outcome: DialOutcome, others: number, err: unknown): DialVerdict {
+  if (outcome !== 'refused') return 'unreachable';
+  if (others > 0) return 'crowded';
+  return (err as { responseCode?: number }).responseCode !== undefined ? 'throttled' : 'unreachable';
+}
+
+/** Of the hosts' answers, the one that decides what the pool does (see DialVerdict). */
+function worse(a: DialVerdict, b: DialVerdict): DialVerdict {
+  const rank: Record<DialVerdict, number> = { unreachable: 0, throttled: 1, crowded: 2 };
+  return rank[b] > rank[a] ? b : a;
 }
 
 function routeHop(options: ResolvedOptions): Hop {
   const route = options.route!;
   return {
+    priority: 0,
     host: route.host,
     servername: undefined,
     port: route.port ?? (route.secure ? 465 : 25),
     secure: route.secure ?? false,
-    ...tlsFlags(options.tls, route.requireTLS, route.ignoreTLS),
+    ...tlsPlan({
+      level: options.tls,
+      destination: 'route',
+      // A route's own TLS options win over the scope's, its own requireTLS / ignoreTLS over the level.
+      tlsOptions: options.tlsOptions || route.tls ? { ...options.tlsOptions, ...route.tls } : undefined,
+      requireTLS: route.requireTLS,
+      ignoreTLS: route.ignoreTLS,
+    }),
     lmtp: route.lmtp ?? false,
-    // A route's own TLS options win over the scope's.
-    tls: options.tlsOptions || route.tls ? { ...options.tlsOptions, ...route.tls } : undefined,
     auth: route.auth,
     allowUnencryptedAuth: route.allowUnencryptedAuth ?? false,
   };
@@ -98,14 +169,14 @@ function mxDecision(answer: MxAnswer, binding: Binding, domain: string, options:
     for (const { address, family: addressFamily } of host.addresses) {
       if (family !== 0 && addressFamily !== family) continue;
       hops.push({
+        priority: host.priority,
         host: address,
         // SNI and the certificate check use the MX host's name, not the address.
         servername: host.exchange,
         port: options.port,
         secure: false,
-        ...tlsFlags(options.tls),
+        ...tlsPlan({ level: options.tls, destination: 'mx', tlsOptions: options.tlsOptions }),
         lmtp: false,
-        tls: options.tlsOptions ? { ...options.tlsOptions } : undefined,
         auth: undefined,
         allowUnencryptedAuth: false,
       });
@@ -115,12 +186,4 @@ function mxDecision(answer: MxAnswer, binding: Binding, domain: string, options:
     return { kind: 'defer', responseCode: 451, response: `451 4.4.4 no MX host of ${domain} has an IPv${family} address for binding ${binding.name}` };
   }
   return { kind: 'hops', hops };
-}
-
-function tlsFlags(policy: TlsPolicy, requireTLS?: boolean, ignoreTLS?: boolean): Pick<Hop, 'requireTLS' | 'ignoreTLS' | 'opportunisticTLS'> {
-  return {
-    requireTLS: requireTLS ?? policy === 'required',
-    ignoreTLS: ignoreTLS ?? policy === 'no',
-    opportunisticTLS: policy === 'ifavailable',
-  };
 }

@@ -31,7 +31,7 @@ const TOP_LEVEL_KEYS = [
   'dnsServers',
   'deliveryThread',
 ];
-const TLS_POLICIES = ['no', 'ifavailable', 'required'];
+const TLS_POLICIES = ['no', 'ifavailable', 'required', 'verified'];
 const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
 const GROUP_KEYS = [...SCOPED_OPTION_NAMES, 'bindings', 'domains'];
 const ROUTE_KEYS = ['host', 'port', 'secure', 'auth', 'requireTLS', 'ignoreTLS', 'tls', 'lmtp', 'allowUnencryptedAuth'];

@@ -3,7 +3,7 @@
  * is dialled once per backoff period (no busy loop), waiting for a busy pool is bounded, and
  * close() leaves nothing open. Connection attempts are counted on the listening side.
  */
-import { createServer, type Server, type Socket } from 'node:net';
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import type { BindingPoolSendError } from '../lib';
 import { closedAfterEach, rejection } from './support/harness';
@@ -117,33 +117,80 @@ describe('a destination that refuses connections', () => {
     expect(elapsed).toBeLessThan(3_000);
   });
 
-  test.each([
-    ['accepts and hangs up at once', hangUp, /Connection closed unexpectedly/],
-    ['greets with 421', greet421, /421 4\.3\.2 too busy/],
-  ])('many concurrent sends to a server that %s dial it a handful of times, not in a loop', async (_what, handle, reason) => {
-    const listener = await CountingListener.start(handle);
-    const maxOutboundConnections = 3;
+  test.each([['accepts and hangs up at once', hangUp, /Connection closed unexpectedly/]])(
+    'many concurrent sends to a server that %s dial it a handful of times, not in a loop',
+    async (_what, handle, reason) => {
+      const listener = await CountingListener.start(handle);
+      const maxOutboundConnections = 3;
+      const n = 30;
+      const { pool, transporter } = transport({ route: listener.route(), maxOutboundConnections, connectBackoff: 5_000, ...slow });
+      const started = Date.now();
+      const errors = await Promise.all(messages(n, 'x.test').map((m) => rejection(transporter.sendMail(m))));
+      const elapsed = Date.now() - started;
+      const stats = pool.stats().pools;
+      await transporter.close();
+      await listener.stop();
+
+      // At most one dial per connection slot before the first failure starts the backoff.
+      expect(listener.accepted).toBeGreaterThanOrEqual(1);
+      expect(listener.accepted).toBeLessThanOrEqual(maxOutboundConnections);
+      expect(stats[0].connectFailures).toBe(listener.accepted);
+      expect(stats[0].opened).toBe(0);
+      for (const err of errors) {
+        expect(err.code).toBe('EPENDING');
+        expect(err.pending).toHaveLength(1);
+        expect(err.response).toMatch(/connecting to x\.test failed/);
+        expect(err.response).toMatch(reason);
+      }
+      expect(elapsed).toBeLessThan(3_000);
+    },
+  );
+
+  test('a server that greets with 421 is throttling the binding: the pair pauses, and sends that cannot wait that long go pending at once', async () => {
+    const listener = await CountingListener.start(greet421);
     const n = 30;
-    const { pool, transporter } = transport({ route: listener.route(), maxOutboundConnections, connectBackoff: 5_000, ...slow });
+    const { pool, transporter } = transport({ route: listener.route(), maxOutboundConnections: 3, connectBackoff: 5_000, acquireTimeout: 2_000, ...slow });
     const started = Date.now();
     const errors = await Promise.all(messages(n, 'x.test').map((m) => rejection(transporter.sendMail(m))));
     const elapsed = Date.now() - started;
     const stats = pool.stats().pools;
     await transporter.close();
-    await listener.stop();
 
-    // At most one dial per connection slot before the first failure starts the backoff.
+    // The dials under way when the first 421 came; none after it (a 5 s pause > acquireTimeout).
     expect(listener.accepted).toBeGreaterThanOrEqual(1);
-    expect(listener.accepted).toBeLessThanOrEqual(maxOutboundConnections);
-    expect(stats[0].connectFailures).toBe(listener.accepted);
-    expect(stats[0].opened).toBe(0);
+    expect(listener.accepted).toBeLessThanOrEqual(3);
+    expect(stats[0]).toMatchObject({ opened: 0, connectFailures: listener.accepted });
+    expect(stats[0].pausedUntil).toBeGreaterThan(Date.now());
     for (const err of errors) {
       expect(err.code).toBe('EPENDING');
-      expect(err.pending).toHaveLength(1);
-      expect(err.response).toMatch(/connecting to x\.test failed/);
-      expect(err.response).toMatch(reason);
+      const [outcome] = err.domains[0].pending;
+      expect(outcome.response).toMatch(/x\.test is throttling this binding \(.*421 4\.3\.2 too busy.*\); sends paused for \d+ ms, past acquireTimeout/);
+      expect(outcome.retryAfter).toBeGreaterThan(started + 4_000);
     }
-    expect(elapsed).toBeLessThan(3_000);
+    expect(elapsed).toBeLessThan(2_000);
+  });
+
+  test('a throttling server that recovers: the sends wait out the pause and are delivered over one probe connection first', async () => {
+    let refuse = 1;
+    const server = await startServer({});
+    const listener = await CountingListener.start((socket) => {
+      if (refuse-- > 0) return greet421(socket);
+      // Past the refusal, pass the connection through to the real server.
+      const upstream = createConnection(server.port, '127.0.0.1');
+      socket.pipe(upstream).pipe(socket);
+      upstream.on('error', () => socket.destroy());
+    });
+    const { transporter } = transport({ route: listener.route(), maxOutboundConnections: 3, connectBackoff: 300, acquireTimeout: 5_000, ...slow });
+    const started = Date.now();
+    const infos = await Promise.all(messages(12, 'x.test').map((m) => transporter.sendMail(m)));
+    const elapsed = Date.now() - started;
+    await transporter.close();
+
+    expect(infos.flatMap((info) => info.accepted)).toHaveLength(12);
+    expect(server.deliveredRecipients()).toHaveLength(12);
+    // At most the dials under way at the 421 were refused; then one probe, then the rest.
+    expect(listener.accepted).toBeLessThanOrEqual(3 + 3);
+    expect(elapsed).toBeGreaterThanOrEqual(290);
   });
 
   test('during the backoff a send fails without dialling; after it a send dials again, and delivers once the server is back', async () => {

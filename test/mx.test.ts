@@ -98,14 +98,18 @@ describe('direct MX delivery', () => {
       cb(Object.assign(new Error('go away'), { responseCode: 421 }));
     };
     mx2 = await RecordingServer.start('127.0.0.6', { server: { onConnect: refuse } }, mx1.port);
-    const { transporter } = transport();
+    // A 421 greeting with nothing open is the receiver throttling the binding: the pair pauses
+    // (connectBackoff), and a send that cannot wait that long (acquireTimeout) is pending at once.
+    const { transporter } = transport({ acquireTimeout: 500 });
     const err = await transporter.sendMail(mail('a@down.test')).catch((e: unknown) => e);
     await transporter.close();
     expect(err).toMatchObject({ code: 'EPENDING', pending: ['a@down.test'] });
-    const reply = (err as { domains: { pending: { response: string }[] }[] }).domains[0].pending[0].response;
-    expect(reply).toContain('dead.mx.test[127.0.0.7]');
-    expect(reply).toContain('mx2.mx.test[127.0.0.6]');
-    // One connect per host, then the pool backs off instead of dialing again.
+    const outcome = (err as { domains: { pending: { response: string; retryAfter?: number }[] }[] }).domains[0].pending[0];
+    expect(outcome.response).toContain('dead.mx.test[127.0.0.7]');
+    expect(outcome.response).toContain('mx2.mx.test[127.0.0.6]');
+    expect(outcome.response).toMatch(/throttling this binding .*sends paused for \d+ ms, past acquireTimeout/);
+    expect(outcome.retryAfter).toBeGreaterThan(Date.now());
+    // One connect per host, then the pool pauses instead of dialing again.
     expect(refused).toBe(1);
   });
 
@@ -224,9 +228,9 @@ describe('TLS policy for MX delivery', () => {
     expect(mx.deliveredRecipients()).toEqual(['a@mx.test']);
   });
 
-  test('certificate checks stay on: an untrusted certificate fails the required-TLS delivery', async () => {
+  test("tls: 'verified' checks the certificate: an untrusted one fails the delivery ('required' does not check an MX host's, see test/tls.test.ts)", async () => {
     await start(true);
-    const { transporter } = makeTransport({ dnsServers: [dns.address], port: mx.port, tls: 'required' });
+    const { transporter } = makeTransport({ dnsServers: [dns.address], port: mx.port, tls: 'verified' });
     const err = await transporter.sendMail(mail('a@mx.test')).catch((e: unknown) => e);
     await transporter.close();
     expect(err).toMatchObject({ code: 'EPENDING' });

@@ -1,7 +1,8 @@
 /**
  * A real DNS server (dns2, UDP) on loopback serving a zone the test writes: MX and A records with
- * TTLs, null MX, NXDOMAIN, SERVFAIL, and names it never answers (a timeout). It counts the queries
- * it receives per (name, type), so tests see the client's cache from the server side.
+ * TTLs, null MX, NXDOMAIN, SERVFAIL, names it never answers (a timeout) or whose first queries it
+ * drops (a lost packet). It counts the queries it receives per (name, type), so tests see the
+ * client's cache and retries from the server side.
  */
 import dns2 from 'dns2';
 
@@ -18,6 +19,8 @@ export interface Zone {
   servfail?: string[];
   /** Names whose queries are never answered. */
   silent?: string[];
+  /** Names whose first N queries of each type go unanswered (a lost packet), so a client retry is seen. */
+  dropFirst?: Record<string, number>;
   /** Names whose answers come this many ms late. */
   delays?: Record<string, number>;
   /** TTL of every record (seconds); per-name override in `ttls`. */
@@ -58,9 +61,10 @@ export class DnsServer {
         const name = question.name.toLowerCase();
         const type = Object.entries(Packet.TYPE).find(([, value]) => value === question.type)?.[0] ?? String(question.type);
         const key = `${name} ${type}`;
-        this.queries.set(key, (this.queries.get(key) ?? 0) + 1);
+        const seen = (this.queries.get(key) ?? 0) + 1;
+        this.queries.set(key, seen);
         const zone = this.zone;
-        if (zone.silent?.includes(name)) return;
+        if (zone.silent?.includes(name) || seen <= (zone.dropFirst?.[name] ?? 0)) return;
         const response = Packet.createResponseFromRequest(request);
         const ttl = zone.ttls?.[name] ?? zone.ttl ?? 300;
         if (zone.nxdomain?.includes(name)) response.header.rcode = 3;

@@ -20,8 +20,9 @@
  *
  * No jest here: the soak benchmark (bench/soak.ts) uses it too.
  */
-import type { AddressInfo, Socket } from 'node:net';
-import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
+import type { Socket } from 'node:net';
+import { LoopbackServer, type ServerConnection } from './smtp-server-internals';
+import type { SMTPServerOptions, SMTPServerSession } from 'smtp-server';
 
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness
@@ -172,26 +173,7 @@ const TRAIL = 12;
 
 const TOO_MANY_MESSAGES: Reply = { code: 421, message: '4.7.0 too many messages in this connection' };
 
-/** The parts of smtp-server's connection object this server reaches into. */
-interface ServerConnection {
-  id: string;
-  _socket: Socket;
-  init(): void;
-  connectionReady(next?: () => void): void;
-  _setListeners(callback: () => void): void;
-  send(code: number, message: string | string[], ...rest: unknown[]): void;
-  _onCommand(command: Buffer, callback: () => void): void;
-  _onClose(): void;
-  close(): void;
-  handler_STARTTLS(command: Buffer, callback: () => void): void;
-  handler_RSET(command: Buffer, callback: () => void): void;
-  upgrade(callback: () => void, secureCallback?: () => void): void;
-}
-
-export class FaultServer {
-  readonly host: string;
-  readonly label: string;
-  port = 0;
+export class FaultServer extends LoopbackServer {
   readonly connections: FaultConnection[] = [];
   /**
    * Source address → most sessions open at once from it. A session counts from the TCP accept to
@@ -206,12 +188,10 @@ export class FaultServer {
   /** Connection n → raw bytes the client sent (with `recordRaw`). */
   readonly raw = new Map<number, Buffer[]>();
   /** Errors smtp-server reported (resets from dropped clients, mostly); never thrown. */
-  readonly errors: Error[] = [];
   /** Times the server restarted. */
   restarts = 0;
   plan: FaultPlan;
   private readonly options: FaultServerOptions;
-  private server!: SMTPServer;
   private readonly sockets = new Set<Socket>();
   private readonly byId = new Map<string, FaultConnection>();
   private readonly smtpById = new Map<string, ServerConnection>();
@@ -230,9 +210,8 @@ export class FaultServer {
   private stopped = false;
 
   private constructor(options: FaultServerOptions) {
+    super(options);
     this.options = options;
-    this.host = options.host ?? '127.0.0.1';
-    this.label = options.label ?? options.name ?? this.host;
     this.plan = options.plan ?? {};
   }
 
@@ -240,11 +219,6 @@ export class FaultServer {
     const server = new FaultServer(options);
     await server.listen(options.port ?? 0);
     return server;
-  }
-
-  /** `{ host, port }` for a route to this server. */
-  get route(): { host: string; port: number } {
-    return { host: this.host, port: this.port };
   }
 
   get transactions(): FaultTransaction[] {
@@ -318,7 +292,7 @@ export class FaultServer {
     await closed;
   }
 
-  private listen(port: number): Promise<void> {
+  private async listen(port: number): Promise<void> {
     const plan = (): FaultPlan => this.plan;
     const options: SMTPServerOptions = {
       name: this.options.name ?? 'fault.test',
@@ -479,23 +453,11 @@ export class FaultServer {
         });
       },
     };
-    const server = new SMTPServer(options);
-    this.server = server;
-    server.on('error', (err: Error) => this.errors.push(err));
-    this.patchConnections(server);
-    server.server.on('connection', (socket: Socket) => this.track(socket));
-    return new Promise((resolve, reject) => {
-      server.server.once('error', reject);
-      server.listen(port, this.host, () => {
-        server.server.removeListener('error', reject);
-        this.port = (server.server.address() as AddressInfo).port;
-        resolve();
-      });
-    });
+    await this.startSmtp(options, port);
   }
 
   /** Counts TCP connections per source address from accept to close, and creates the record. */
-  private track(socket: Socket): void {
+  protected track(socket: Socket): void {
     const address = (socket.remoteAddress ?? '').replace(/^::ffff:/, '');
     this.sockets.add(socket);
     const open = (this.openNow.get(address) ?? 0) + 1;
@@ -554,16 +516,8 @@ export class FaultServer {
    * `connections` set right before init()): links it to its record, drops the 100 ms
    * early-talker pause, and wraps STARTTLS for the plan's TLS faults.
    */
-  private patchConnections(server: SMTPServer): void {
-    const connections = server.connections as Set<ServerConnection>;
-    const add = connections.add.bind(connections);
-    connections.add = (connection: ServerConnection) => {
-      if (!connections.has(connection)) this.patch(connection);
-      return add(connection);
-    };
-  }
 
-  private patch(connection: ServerConnection): void {
+  protected patch(connection: ServerConnection): void {
     const raw = connection._socket;
     const seen = this.pendingBySocket.get(connection._socket);
     if (seen) {

@@ -1,0 +1,269 @@
+/**
+ * Connection slots on one server address (IP and port) for one binding, shared by every pool
+ * whose connections go there: the per-next-hop view an MTA's connection cache has. A relay that
+ * carries 1 000 domains, or an MX host that serves 150, sees at most `maxHostConnections`
+ * connections from a binding, however many (binding, domain) pools send there.
+ *
+ * A host also learns what it accepts (an AIMD-like rule, per binding × address):
+ * - decrease: a new connection refused twice in a row (a 4xx/5xx greeting, a refused or reset
+ *   connect, with no successful connect between) while others from the binding are open holds
+ *   the host at the number open then; one refusal alone (a receiver that refuses at random)
+ *   changes nothing;
+ * - increase: one more connection each REGROWTH_MS without a refusal, up to the configured cap.
+ * A host that cannot be reached (a timeout, a refused connect with nothing open) is backed off
+ * on its own, so the next connections try the next MX host at once.
+ *
+ * Slots count dials in progress and connections until their socket is gone (a QUITting
+ * connection still counts, as the receiver still counts it).
+ */
+import type { CountingConnection } from './connection';
+import { poolLog } from './log';
+
+/** Time without a refusal after which a host's learned limit grows by one connection. */
+export const REGROWTH_MS = 30_000;
+
+/** A pool that owns connections on hosts: it is asked to close one it holds idle. */
+export interface SlotOwner {
+  /** Closes the connection if the pool holds it idle; false if it is in use. */
+  closeIfIdle(connection: CountingConnection): boolean;
+}
+
+/** One held slot; released once, when the dial fails or the connection's socket is gone. */
+export interface Slot {
+  release(): void;
+}
+
+/** A dial that gave up waiting for a slot: the pool closed, or no send wants it any more. */
+export class SlotCancelled extends Error {
+  constructor(reason: string) {
+    super(reason);
+    this.name = 'SlotCancelled';
+  }
+}
+
+interface SlotWaiter {
+  owner: SlotOwner;
+  cap: number;
+  wanted: () => boolean;
+  grant: (slot: Slot) => void;
+  cancel: (err: SlotCancelled) => void;
+}
+
+/**
+ * What a failed dial means for the pool that asked: `crowded`, a host refused it while others
+ * from the binding were open (the host holds at what it accepts; the pool's open connections
+ * serve its sends); `throttled`, a host greeted with a refusal and nothing open (pause the pair);
+ * `unreachable`, no host could be reached (back off, fail fast when nothing is open).
+ */
+export type DialVerdict = 'crowded' | 'throttled' | 'unreachable';
+
+/** Every host of a dial failed; the message names each host and its error. */
+export class DialFailure extends Error {
+  constructor(
+    message: string,
+    readonly verdict: DialVerdict,
+  ) {
+    super(message);
+    this.name = 'DialFailure';
+  }
+}
+
+/** How a dial to a host ended, for what the host learns. */
+export type DialOutcome = 'connected' | 'refused' | 'unreachable' | 'other';
+
+export class HostState {
+  /** Slots held: dials in progress, open connections, connections still closing. */
+  held = 0;
+  private learned = Infinity;
+  private learnedAt = 0;
+  private lastRefused = false;
+  private failures = 0;
+  private backoffUntil = 0;
+  private readonly connections = new Map<CountingConnection, SlotOwner>();
+  private readonly waiters: SlotWaiter[] = [];
+  private wakeTimer: NodeJS.Timeout | undefined;
+
+  constructor(readonly key: string) {}
+
+  /** The most connections this binding may have here now: the cap, or what was learned (regrown). */
+  limit(cap: number): number {
+    if (this.learned === Infinity) return cap;
+    const regrown = this.learned + Math.floor((Date.now() - this.learnedAt) / REGROWTH_MS);
+    if (regrown >= cap) {
+      this.learned = Infinity;
+      return cap;
+    }
+    return regrown;
+  }
+
+  /** The number learned from refusals, while one is in force. */
+  get learnedLimit(): number | undefined {
+    return this.learned === Infinity ? undefined : this.learned;
+  }
+
+  get open(): number {
+    return this.connections.size;
+  }
+
+  /** True while the host is backed off after failed connects. */
+  backingOff(now = Date.now()): boolean {
+    return now < this.backoffUntil;
+  }
+
+  get backoffEnds(): number {
+    return this.backoffUntil;
+  }
+
+  /**
+   * A slot for a dial: at once when the host has room, else when a connection here closes (an
+   * idle one of another pool is closed for it). Rejects with SlotCancelled when `signal` aborts
+   * or, once a slot is free, `wanted()` says the dial is no longer needed.
+   */
+  take(cap: number, owner: SlotOwner, wanted: () => boolean, signal: AbortSignal): Promise<Slot> {
+    if (this.waiters.length === 0 && this.held < this.limit(cap)) return Promise.resolve(this.hold());
+    return new Promise((resolve, reject) => {
+      const waiter: SlotWaiter = { owner, cap, wanted, grant: resolve, cancel: reject };
+      const onAbort = (): void => {
+        const i = this.waiters.indexOf(waiter);
+        if (i >= 0) this.waiters.splice(i, 1);
+        reject(new SlotCancelled('the pool is closing'));
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      waiter.grant = (slot) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(slot);
+      };
+      this.waiters.push(waiter);
+      this.evictIdle(owner);
+      this.wake();
+    });
+  }
+
+  /** Binds a slot to a connection: the slot is released when its socket is gone. */
+  attach(slot: Slot, connection: CountingConnection, owner: SlotOwner): void {
+    this.connections.set(connection, owner);
+    hostOf.set(connection, this);
+    void connection.whenEnded().then(() => {
+      this.connections.delete(connection);
+      slot.release();
+    });
+  }
+
+  /** What a dial here taught: refusals while others are open lower the limit; dead hosts back off. */
+  record(outcome: DialOutcome, othersHeld: number, backoff: { first: number; max: number }): void {
+    if (outcome === 'connected') {
+      this.lastRefused = false;
+      this.failures = 0;
+      this.backoffUntil = 0;
+      return;
+    }
+    if (outcome === 'refused' && othersHeld > 0) {
+      if (this.lastRefused && othersHeld < this.limit(Infinity)) {
+        this.learned = othersHeld;
+        this.learnedAt = Date.now();
+        poolLog('host %s refused a connection with %d open: holding at %d', this.key, othersHeld, othersHeld);
+      }
+      this.lastRefused = true;
+      return;
+    }
+    if (outcome === 'other') return;
+    this.failures++;
+    this.backoffUntil = Date.now() + Math.min(backoff.first * 2 ** (this.failures - 1), backoff.max);
+  }
+
+  private hold(): Slot {
+    this.held++;
+    let released = false;
+    return {
+      release: () => {
+        if (released) return;
+        released = true;
+        this.held--;
+        this.wake();
+      },
+    };
+  }
+
+  /** Hands free slots to waiting dials, oldest first; a dial nobody wants any more is cancelled. */
+  private wake(): void {
+    clearTimeout(this.wakeTimer);
+    this.wakeTimer = undefined;
+    while (this.waiters.length > 0) {
+      const waiter = this.waiters[0];
+      if (!waiter.wanted()) {
+        this.waiters.shift();
+        waiter.cancel(new SlotCancelled('no send waits for this connection any more'));
+        continue;
+      }
+      if (this.held >= this.limit(waiter.cap)) break;
+      this.waiters.shift();
+      waiter.grant(this.hold());
+    }
+    // A learned limit grows with time alone: wake the waiting dials when it does.
+    if (this.waiters.length > 0 && this.learned !== Infinity) {
+      const next = this.learnedAt + (Math.floor((Date.now() - this.learnedAt) / REGROWTH_MS) + 1) * REGROWTH_MS;
+      this.wakeTimer = setTimeout(() => this.wake(), Math.max(0, next - Date.now())).unref();
+    }
+  }
+
+  /** True when a dial of a pool other than `owner` waits for a slot here and the host is full. */
+  wantedElsewhere(owner: SlotOwner): boolean {
+    const waiter = this.waiters.find((w) => w.owner !== owner);
+    return waiter !== undefined && this.held >= this.limit(waiter.cap);
+  }
+
+  /** Frees a slot for a waiting dial by closing an idle connection another pool holds here. */
+  private evictIdle(requester: SlotOwner): void {
+    if (this.held < this.limit(this.waiters[0]?.cap ?? Infinity)) return;
+    for (const [connection, owner] of this.connections) {
+      if (owner !== requester && owner.closeIfIdle(connection)) {
+        poolLog('host %s full: closed idle %s for another pool', this.key, connection.id);
+        return;
+      }
+    }
+  }
+}
+
+/** The host each attached connection holds a slot on. */
+const hostOf = new WeakMap<CountingConnection, HostState>();
+
+/**
+ * A connection its pool is about to keep idle: true when another pool's dial waits for its
+ * host's slot, so the pool closes it instead (a full host's idle connections go to who waits).
+ */
+export function neededElsewhere(connection: CountingConnection, owner: SlotOwner): boolean {
+  return hostOf.get(connection)?.wantedElsewhere(owner) ?? false;
+}
+
+/** Every host's slots, per binding × server address. */
+export class HostSlots {
+  private readonly hosts = new Map<string, HostState>();
+
+  host(binding: string, address: string, port: number): HostState {
+    const key = `${binding}|${address}:${port}`;
+    let host = this.hosts.get(key);
+    if (!host) {
+      host = new HostState(key);
+      this.hosts.set(key, host);
+    }
+    return host;
+  }
+
+  /** Hosts with a connection or a learned limit, for stats(). */
+  stats(): { host: string; open: number; held: number; learnedLimit?: number; backingOff: boolean }[] {
+    const now = Date.now();
+    const rows = [];
+    for (const host of this.hosts.values()) {
+      if (host.held === 0 && host.learnedLimit === undefined && !host.backingOff(now)) continue;
+      const row: { host: string; open: number; held: number; learnedLimit?: number; backingOff: boolean } = {
+        host: host.key,
+        open: host.open,
+        held: host.held,
+        backingOff: host.backingOff(now),
+      };
+      if (host.learnedLimit !== undefined) row.learnedLimit = host.learnedLimit;
+      rows.push(row);
+    }
+    return rows;
+  }
+}

@@ -28,6 +28,7 @@ interface Waiter {
 
 const EMPTY_STATS: EngineStats = {
   pools: [],
+  hosts: [],
   droppedPools: { pools: 0, opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 },
   dns: { queries: 0, cachedDomains: 0, cachedHosts: 0 },
 };

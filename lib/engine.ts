@@ -9,7 +9,7 @@ import { ScopeResolver, type Binding, type SenderName } from './config';
 import type { TransactionEnvelope } from './connection';
 import { deliverToDomain, emptyDomainResult, type DomainResult } from './delivery';
 import { BindingPoolError, describeError } from './errors';
-import { HostSlots } from './host-slots';
+import { HostSlots, type HostStats } from './host-slots';
 import { MxResolver } from './mx-resolver';
 import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from './options';
 import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
@@ -31,6 +31,8 @@ export interface EngineStats {
   pools: PoolStats[];
   /** Totals of pools already dropped for idleness. */
   droppedPools: DroppedPoolTotals;
+  /** Server addresses with connections from a binding, a learned limit or a backoff. */
+  hosts: HostStats[];
   /** DNS queries sent for MX delivery (each try counts), and domains and MX host names in the cache. */
   dns: { queries: number; cachedDomains: number; cachedHosts: number };
 }
@@ -51,6 +53,7 @@ export class LocalEngine extends EventEmitter implements Engine {
   private readonly registry: PoolRegistry;
   private readonly mx: MxResolver;
   private readonly router: Router;
+  private readonly hosts = new HostSlots();
 
   constructor(options: BindingPoolOptions) {
     super();
@@ -64,7 +67,7 @@ export class LocalEngine extends EventEmitter implements Engine {
       retries: checked.dnsRetries ?? DNS_OPTIONS.dnsRetries.default,
       maxEntries: checked.dnsCacheSize ?? DNS_OPTIONS.dnsCacheSize.default,
     });
-    this.router = new Router(this.mx, new HostSlots());
+    this.router = new Router(this.mx, this.hosts);
     this.registry = new PoolRegistry(
       (bindingName, domain) => {
         const binding = this.scopes.binding(bindingName)!;
@@ -95,7 +98,11 @@ export class LocalEngine extends EventEmitter implements Engine {
   }
 
   stats(): EngineStats {
-    return { ...this.registry.stats(), dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains, cachedHosts: this.mx.cachedHosts } };
+    return {
+      ...this.registry.stats(),
+      hosts: this.hosts.stats(),
+      dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains, cachedHosts: this.mx.cachedHosts },
+    };
   }
 
   /** Checks that every configured route accepts a connection; rejects naming the one that did not. */

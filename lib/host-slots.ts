@@ -83,7 +83,11 @@ export class HostState {
   private readonly waiters: SlotWaiter[] = [];
   private wakeTimer: NodeJS.Timeout | undefined;
 
-  constructor(readonly key: string) {}
+  constructor(
+    readonly key: string,
+    /** Called when the host holds nothing any more, so the table can forget it. */
+    private readonly onIdle: (host: HostState) => void,
+  ) {}
 
   /** The most connections this binding may have here now: the cap, or what was learned (regrown). */
   limit(cap: number): number {
@@ -103,6 +107,11 @@ export class HostState {
 
   get open(): number {
     return this.connections.size;
+  }
+
+  /** Nothing held, learned or backed off, nobody waiting: the entry can go. */
+  idle(now: number): boolean {
+    return this.held === 0 && this.waiters.length === 0 && this.limit(Infinity) === Infinity && !this.backingOff(now);
   }
 
   /** True while the host is backed off after failed connects. */
@@ -180,6 +189,7 @@ export class HostState {
         released = true;
         this.held--;
         this.wake();
+        if (this.idle(Date.now())) this.onIdle(this);
       },
     };
   }
@@ -235,33 +245,54 @@ export function neededElsewhere(connection: CountingConnection, owner: SlotOwner
   return hostOf.get(connection)?.wantedElsewhere(owner) ?? false;
 }
 
+/** One host as stats() shows it. */
+export interface HostStats {
+  binding: string;
+  /** `address:port`. */
+  host: string;
+  /** Connections open (or closing) from the binding, and slots held (those plus dials under way). */
+  open: number;
+  held: number;
+  /** What the host was learned to accept, while that is below the cap. */
+  learnedLimit?: number;
+  /** Set while the host is backed off after failed connects (epoch ms). */
+  backoffUntil?: number;
+}
+
 /** Every host's slots, per binding × server address. */
 export class HostSlots {
   private readonly hosts = new Map<string, HostState>();
+
+  /** The host's entry, if it holds or learned anything. */
+  peek(binding: string, address: string, port: number): HostState | undefined {
+    return this.hosts.get(`${binding}|${address}:${port}`);
+  }
 
   host(binding: string, address: string, port: number): HostState {
     const key = `${binding}|${address}:${port}`;
     let host = this.hosts.get(key);
     if (!host) {
-      host = new HostState(key);
+      host = new HostState(key, (idle) => {
+        if (this.hosts.get(key) === idle) this.hosts.delete(key);
+      });
       this.hosts.set(key, host);
     }
     return host;
   }
 
-  /** Hosts with a connection or a learned limit, for stats(). */
-  stats(): { host: string; open: number; held: number; learnedLimit?: number; backingOff: boolean }[] {
+  /** Hosts with a connection, a learned limit or a backoff, for stats(); the others are forgotten here. */
+  stats(): HostStats[] {
     const now = Date.now();
-    const rows = [];
-    for (const host of this.hosts.values()) {
-      if (host.held === 0 && host.learnedLimit === undefined && !host.backingOff(now)) continue;
-      const row: { host: string; open: number; held: number; learnedLimit?: number; backingOff: boolean } = {
-        host: host.key,
-        open: host.open,
-        held: host.held,
-        backingOff: host.backingOff(now),
-      };
+    const rows: HostStats[] = [];
+    for (const [key, host] of this.hosts) {
+      if (host.idle(now)) {
+        this.hosts.delete(key);
+        continue;
+      }
+      const [binding, address] = key.split('|');
+      const row: HostStats = { binding, host: address, open: host.open, held: host.held };
       if (host.learnedLimit !== undefined) row.learnedLimit = host.learnedLimit;
+      if (host.backingOff(now)) row.backoffUntil = host.backoffEnds;
       rows.push(row);
     }
     return rows;

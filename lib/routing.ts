@@ -12,7 +12,7 @@ import type { MxAnswer, MxResolver } from './mx-resolver';
 import type { ResolvedOptions } from './options';
 import type { Connector } from './pool-registry';
 import { tlsPlan, withPlainTextRetry, type TlsPlan } from './tls-policy';
-import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots, type HostState } from './host-slots';
+import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots } from './host-slots';
 
 /** Everything a connection needs that depends on the host it goes to. */
 type Hop = Pick<
@@ -61,7 +61,8 @@ export class Router {
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
       const failures: string[] = [];
       let verdict: DialVerdict = 'unreachable';
-      for (const { hop, host } of this.dialOrder(binding, decision.hops)) {
+      for (const hop of this.dialOrder(binding, decision.hops)) {
+        const host = this.slots.host(binding.name, hop.host, hop.port);
         const slot = await host.take(options.maxHostConnections, request.owner, request.wanted, request.signal);
         const target: ConnectionTarget = {
           ...hop,
@@ -78,10 +79,11 @@ export class Router {
           host.attach(slot, connection, request.owner);
           return connection;
         } catch (err) {
+          // Recorded before the slot goes, so that a backoff keeps the host's entry.
           const others = host.held - 1;
-          slot.release();
           const outcome = dialOutcome(err);
           host.record(outcome, others, backoff);
+          slot.release();
           verdict = worse(verdict, dialVerdict(outcome, others, err));
           // Refused, timed out, greeted with 4xx/421, or no TLS where it is required: next host.
           failures.push(`${hop.servername ?? hop.host}[${hop.host}]:${hop.port}: ${describeError(err)}`);
@@ -91,15 +93,15 @@ export class Router {
     };
   }
 
-  private dialOrder(binding: Binding, hops: Hop[]): { hop: Hop; host: HostState }[] {
+  private dialOrder(binding: Binding, hops: Hop[]): Hop[] {
     const now = Date.now();
     const candidates = hops.map((hop, order) => {
-      const host = this.slots.host(binding.name, hop.host, hop.port);
-      return { hop, host, order, backingOff: host.backingOff(now), load: host.held, tieBreak: Math.random() };
+      const known = this.slots.peek(binding.name, hop.host, hop.port);
+      return { hop, order, backingOff: known?.backingOff(now) ?? false, load: known?.held ?? 0, tieBreak: Math.random() };
     });
     const live = candidates.filter((c) => !c.backingOff);
     const usable = live.length > 0 ? live : candidates;
-    return usable.sort((a, b) => a.hop.priority - b.hop.priority || a.load - b.load || a.tieBreak - b.tieBreak || a.order - b.order);
+    return usable.sort((a, b) => a.hop.priority - b.hop.priority || a.load - b.load || a.tieBreak - b.tieBreak || a.order - b.order).map(({ hop }) => hop);
   }
 }
 

@@ -8,6 +8,7 @@ import { describeError, type BindingPoolError } from './errors';
 import { describeTarget, type TransactionEnvelope } from './connection';
 import type { DestinationPool } from './pool-registry';
 import type { Recipient } from './recipients';
+import type { RecipientReply } from './verdicts';
 import { deliveryLog } from './log';
 
 export type RecipientStatus = 'accepted' | 'rejected' | 'pending';
@@ -21,8 +22,8 @@ export interface RecipientOutcome {
   responseCode?: number;
   /** The host that gave the reply, when a connection was made. */
   host?: string;
-  /** Pending only: when the destination could take it (epoch ms), when known (the end of a backoff or throttle pause). */
-  retryAfter?: number;
+  /** Pending only: when the destination could take it, when known (the end of a backoff or throttle pause). */
+  retryAfter?: Date;
 }
 
 export interface ConnectionUse {
@@ -51,6 +52,8 @@ export interface DomainDelivery {
   message: Buffer;
   recipients: readonly Recipient[];
   maxAttempts: number;
+  /** How long 421s may keep sending a recipient on (see goesAgain). */
+  acquireTimeout: number;
   /** Recipients per transaction at most, to decide how many connections to use at once. */
   maxRecipientsPerTransaction: number;
   maxConnections: number;
@@ -60,12 +63,32 @@ interface QueuedRecipient {
   recipient: Recipient;
   /** Transactions it was in that ended without a verdict for it. */
   attempts: number;
+  /** When a server first answered it 421 (epoch ms). */
+  firstClosedAt?: number;
 }
 
 /** RFC 5321 3.3: 452 "too many recipients" asks for the rest in a new transaction. */
 const TOO_MANY_RECIPIENTS = 452;
 /** 421: the server closes the connection without taking the message. */
 const CLOSING = 421;
+
+/**
+ * Whether a recipient goes into another transaction. A retry costs an attempt (maxAttempts), with
+ * two exceptions that are the server pacing, not failing: a 452 in a transaction that settled
+ * others (without progress it costs one, so a server that takes nobody ends), and a 421, which
+ * closes the connection without the message: its per-connection limit, or a throttle the pool
+ * waits out (dial-gate.ts). 421s are free for acquireTimeout from the recipient's first one.
+ */
+function goesAgain(item: QueuedRecipient, reply: RecipientReply, progressed: boolean, now: number, job: DomainDelivery): boolean {
+  const tooMany = reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS;
+  if (reply.verdict !== 'retry' && !tooMany) return false;
+  if (reply.responseCode === CLOSING) {
+    item.firstClosedAt ??= now;
+    if (now - item.firstClosedAt < job.acquireTimeout) return true;
+  }
+  if (tooMany && progressed) return item.attempts < job.maxAttempts;
+  return ++item.attempts < job.maxAttempts;
+}
 
 export function emptyDomainResult(domain: string, binding: string): DomainResult {
   return { domain, binding, hosts: [], connections: [], accepted: [], rejected: [], pending: [] };
@@ -76,11 +99,11 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
   const queue: QueuedRecipient[] = job.recipients.map((recipient) => ({ recipient, attempts: 0 }));
   const hosts = new Set<string>();
   const connections = new Map<string, ConnectionUse>();
-  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string, retryAfter?: number): void => {
+  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string, retryAfter?: Date): void => {
     const outcome: RecipientOutcome = { recipient: item.recipient.address, status, response };
     if (responseCode !== undefined) outcome.responseCode = responseCode;
     if (host !== undefined) outcome.host = host;
-    if (retryAfter !== undefined) outcome.retryAfter = retryAfter;
+    if (retryAfter !== undefined) outcome.retryAfter = new Date(retryAfter);
     result[status].push(outcome);
   };
 
@@ -102,7 +125,6 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         continue;
       }
       const host = describeTarget(connection.target);
-      const deliveredBefore = connection.deliveries;
       hosts.add(host);
       if (!connections.has(connection.id)) connections.set(connection.id, { id: connection.id, host, encrypted: connection.encrypted });
       const replies = await connection.send(
@@ -112,24 +134,19 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
       );
       job.pool.release(connection);
       const again: QueuedRecipient[] = [];
-      // A 452 in a transaction that settled other recipients is the server pacing them, not a
-      // failure: it costs no attempt. Without progress it does, so a server that takes nobody ends.
-      // Likewise a 421 on a connection that had delivered: that connection's limit, not theirs
-      // (a 421 on a fresh connection does cost one: the pool pauses, see dial-gate.ts).
-      const progressed =
-        (deliveredBefore > 0 && connection.closingReply !== undefined) ||
-        replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
+      const progressed = replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
+      const now = Date.now();
       replies.forEach((reply, i) => {
         const item = batch[i];
-        const tooMany = reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS;
-        const connectionLimit = reply.verdict === 'retry' && reply.responseCode === CLOSING;
-        const retryable = reply.verdict === 'retry' || tooMany;
-        if (retryable && ((tooMany || connectionLimit) && progressed ? item.attempts : ++item.attempts) < job.maxAttempts) {
-          again.push(item);
-          return;
-        }
-        const status: RecipientStatus = reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending';
-        settle(item, status, reply.response, reply.responseCode, host);
+        if (goesAgain(item, reply, progressed, now, job)) again.push(item);
+        else
+          settle(
+            item,
+            reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending',
+            reply.response,
+            reply.responseCode,
+            host,
+          );
       });
       if (again.length > 0) {
         if (deliveryLog.enabled)

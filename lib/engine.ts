@@ -160,6 +160,7 @@ export class LocalEngine extends EventEmitter implements Engine {
         message,
         recipients,
         maxAttempts: options.maxAttempts,
+        acquireTimeout: options.acquireTimeout,
         maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
         maxConnections: options.maxOutboundConnections,
       });

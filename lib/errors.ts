@@ -29,14 +29,14 @@ export type BindingPoolErrorCode =
 
 export class BindingPoolError extends Error {
   readonly code: BindingPoolErrorCode;
-  /** When the destination could be tried again (epoch ms), when known: the end of a backoff or pause. */
-  readonly retryAfter?: number;
+  /** When the destination could be tried again, when known: the end of a backoff or pause. */
+  readonly retryAfter?: Date;
 
-  constructor(code: BindingPoolErrorCode, message: string, options?: { cause?: unknown; retryAfter?: number }) {
+  constructor(code: BindingPoolErrorCode, message: string, options?: { cause?: unknown; retryAfter?: number | Date }) {
     super(message, options);
     this.name = 'BindingPoolError';
     this.code = code;
-    if (options?.retryAfter !== undefined) this.retryAfter = options.retryAfter;
+    if (options?.retryAfter !== undefined) this.retryAfter = new Date(options.retryAfter);
   }
 }
 

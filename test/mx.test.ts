@@ -104,11 +104,11 @@ describe('direct MX delivery', () => {
     const err = await transporter.sendMail(mail('a@down.test')).catch((e: unknown) => e);
     await transporter.close();
     expect(err).toMatchObject({ code: 'EPENDING', pending: ['a@down.test'] });
-    const outcome = (err as { domains: { pending: { response: string; retryAfter?: number }[] }[] }).domains[0].pending[0];
+    const outcome = (err as { domains: { pending: { response: string; retryAfter?: Date }[] }[] }).domains[0].pending[0];
     expect(outcome.response).toContain('dead.mx.test[127.0.0.7]');
     expect(outcome.response).toContain('mx2.mx.test[127.0.0.6]');
     expect(outcome.response).toMatch(/throttling this binding .*sends paused for \d+ ms, past acquireTimeout/);
-    expect(outcome.retryAfter).toBeGreaterThan(Date.now());
+    expect(outcome.retryAfter?.getTime()).toBeGreaterThan(Date.now());
     // One connect per host, then the pool pauses instead of dialing again.
     expect(refused).toBe(1);
   });

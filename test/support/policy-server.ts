@@ -13,6 +13,9 @@
  * - a rate window: once it has accepted M messages in the last W ms (from that client IP, or from
  *   every client), it answers MAIL FROM with `421 4.7.0 too many messages, slow down`, and closes
  *   the connection, as a 421 does.
+ * - refusing the first N connections with a 421 greeting (a receiver throttling a newcomer);
+ * - never greeting connections after the first N (a host that hangs): the client's greeting
+ *   timeout ends them.
  *
  * A session counts against the caps from the moment it is greeted with 220 to the first of: the
  * server closing it (the 221 to QUIT, a 421), the socket closing. (Not to the socket close alone:
@@ -67,6 +70,14 @@ export interface PolicyServerOptions {
   /** Concurrent sessions from every client together. Default: no cap. */
   maxConnections?: number;
   totalReply?: PolicyReply;
+  /** Refuse the first this many connections at the greeting (with `refuseReply`), then greet every one. Default: none. */
+  refuseFirst?: number;
+  /**
+   * Greet only the first this many connections; every later one is accepted and never greeted (a
+   * tarpit, or a host that hangs), until the client gives up. Such a session never counts against
+   * the caps; it is counted in `stalled`. Default: greet every connection.
+   */
+  stallAfter?: number;
   /** Refuse 1 new connection in this many at the greeting, at random (seeded). Default: none. */
   refuseOneIn?: number;
   refuseReply?: PolicyReply;
@@ -78,7 +89,7 @@ export interface PolicyServerOptions {
 }
 
 /** Why a greeting was refused. */
-export type RefusalReason = 'perIp' | 'total' | 'random';
+export type RefusalReason = 'perIp' | 'total' | 'random' | 'first';
 
 /** What the server counted, for one source address or for all of them. */
 export interface PolicyCounts {
@@ -87,6 +98,8 @@ export interface PolicyCounts {
   /** Connections greeted with a refusal (421) instead of 220. */
   refusedGreetings: number;
   refusedBy: Record<RefusalReason, number>;
+  /** Connections never greeted (`stallAfter`). */
+  stalled: number;
   /** MAIL FROM commands received, refused ones included. */
   mailCommands: number;
   /** MAIL FROM commands refused by the rate window. */
@@ -125,6 +138,8 @@ export interface PolicySession {
   remoteAddress: string;
   /** Why the greeting was refused, when it was. */
   refused?: RefusalReason;
+  /** Never greeted (`stallAfter`). */
+  stalled?: boolean;
   mailCommands: number;
   mailRefused: number;
   messages: number;
@@ -135,7 +150,8 @@ export interface PolicySession {
 const emptyCounts = (): PolicyCounts => ({
   connects: 0,
   refusedGreetings: 0,
-  refusedBy: { perIp: 0, total: 0, random: 0 },
+  refusedBy: { perIp: 0, total: 0, random: 0, first: 0 },
+  stalled: 0,
   mailCommands: 0,
   mailRefused: 0,
   messages: 0,
@@ -233,7 +249,8 @@ export class PolicyServer extends LoopbackServer {
 
   /** Why this new session must be refused, or undefined to greet it. */
   private refusalFor(session: PolicySession): RefusalReason | undefined {
-    const { maxConnectionsPerIp, maxConnections, refuseOneIn } = this.options;
+    const { maxConnectionsPerIp, maxConnections, refuseOneIn, refuseFirst } = this.options;
+    if (refuseFirst !== undefined && session.n <= refuseFirst) return 'first';
     if (maxConnectionsPerIp !== undefined && this.counts(session.remoteAddress).openSessions >= maxConnectionsPerIp) return 'perIp';
     if (maxConnections !== undefined && this.total.openSessions >= maxConnections) return 'total';
     if (refuseOneIn !== undefined && refuseOneIn > 0 && chance(this.options.seed ?? 1, `${this.label}|connect|${session.n}`) < 1 / refuseOneIn) return 'random';
@@ -292,6 +309,13 @@ export class PolicyServer extends LoopbackServer {
         };
         this.sessions.push(session);
         this.byId.set(session.id, session);
+        if (this.options.stallAfter !== undefined && session.n > this.options.stallAfter) {
+          // No callback: smtp-server never sends the greeting; the client times out and leaves.
+          session.stalled = true;
+          session.ended = true;
+          this.count(session.remoteAddress, (c) => c.stalled++);
+          return;
+        }
         const reason = this.refusalFor(session);
         if (reason) {
           session.refused = reason;

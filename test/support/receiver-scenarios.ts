@@ -47,6 +47,10 @@ export interface ReceiverScenarioRun {
   window?: number;
   /** Sends still unsettled after this long are counted pending (`unsettled at deadline`). Default 600 000 ms. */
   deadlineMs?: number;
+  /** Receiver policy merged over the scenario's (a smaller rate window, say). */
+  policy?: Partial<PolicyServerOptions>;
+  /** Called with the transport once it is built (to listen to its events, read its stats). */
+  onTransport?: (transport: Lib.BindingPoolTransport) => void;
   /** Called with the servers before they stop, for assertions beyond the figures. */
   onServers?: (servers: { receiver: PolicyServer; dns?: DnsServer }) => void;
 }
@@ -314,7 +318,8 @@ export async function runReceiverScenario(name: ReceiverScenarioName, run: Recei
   const messages = receiverMessages(name, count, spec.domains, seed, run.messageKind);
   const domains = [...new Set(Array.from({ length: Math.min(count, spec.domains) }, (_, i) => domainName(name, spec.domains, i)))];
 
-  const receiver = await PolicyServer.start({ host: spec.host, name: `${name}.receiver.test`, label: name, seed, ...spec.policy });
+  const policy: PolicyServerOptions = { ...spec.policy, ...run.policy };
+  const receiver = await PolicyServer.start({ host: spec.host, name: `${name}.receiver.test`, label: name, seed, ...policy });
   let dns: DnsServer | undefined;
   let pool: Lib.BindingPoolTransport | undefined;
   try {
@@ -326,6 +331,7 @@ export async function runReceiverScenario(name: ReceiverScenarioName, run: Recei
       ...run.options,
     };
     pool = new run.transportModule.BindingPoolTransport(options);
+    run.onTransport?.(pool);
     const transporter = nodemailer.createTransport(pool);
 
     const started = Date.now();
@@ -411,7 +417,7 @@ export async function runReceiverScenario(name: ReceiverScenarioName, run: Recei
         total: [...server.queries.values()].reduce((a, b) => a + b, 0),
       };
     }
-    if (spec.policy.rateLimit) figures.peakRate = receiver.peakRate(spec.policy.rateLimit.windowMs);
+    if (policy.rateLimit) figures.peakRate = receiver.peakRate(policy.rateLimit.windowMs);
     return figures;
   } finally {
     if (pool) await Promise.resolve(pool.close()).catch(() => undefined);

@@ -103,7 +103,8 @@ const CLOSE_GRACE_MS = 2_000;
 export class CountingConnection {
   readonly id: string;
   readonly target: ConnectionTarget;
-  readonly limits: ConnectionLimits;
+  /** The limits of the pool that holds it (a pool that takes it over from another sets its own). */
+  limits: ConnectionLimits;
   deliveries = 0;
   recipients = 0;
   transactions = 0;
@@ -194,11 +195,16 @@ export class CountingConnection {
 
   /** How many recipients the next transaction may carry without passing a limit. */
   capacity(): number {
-    const { maxDeliveries, maxRecipients, maxRecipientsPerTransaction } = this.limits;
+    return this.usable ? this.roomUnder(this.limits) : 0;
+  }
+
+  /** The room `limits` would leave this connection, open as it is (for a pool that would take it over). */
+  roomUnder(limits: ConnectionLimits): number {
+    const { maxDeliveries, maxRecipients, maxRecipientsPerTransaction } = limits;
     let room = maxRecipientsPerTransaction;
     if (maxDeliveries > 0) room = Math.min(room, maxDeliveries - this.deliveries);
     if (maxRecipients > 0) room = Math.min(room, maxRecipients - this.recipients);
-    return this.usable ? Math.max(0, room) : 0;
+    return Math.max(0, room);
   }
 
   /**

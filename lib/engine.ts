@@ -46,7 +46,11 @@ export interface Engine extends EventEmitter {
 }
 
 /** verify()'s dials own nothing the host could ask back, and are always wanted. */
-const VERIFY_DIAL = { owner: { closeIfIdle: () => false }, wanted: () => true, signal: new AbortController().signal };
+const VERIFY_DIAL = {
+  owner: { closeIfIdle: () => false, yieldIdle: () => false, detach: () => undefined },
+  wanted: () => true,
+  signal: new AbortController().signal,
+};
 
 export class LocalEngine extends EventEmitter implements Engine {
   private readonly scopes: ScopeResolver;

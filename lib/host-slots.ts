@@ -16,17 +16,39 @@
  * Slots count dials in progress and connections until their socket is gone (a QUITting
  * connection still counts, as the receiver still counts it).
  */
-import type { CountingConnection } from './connection';
+import type { ConnectionLimits, CountingConnection } from './connection';
 import { poolLog } from './log';
 
 /** Time without a refusal after which a host's learned limit grows by one connection. */
 export const REGROWTH_MS = 30_000;
 
-/** A pool that owns connections on hosts: it is asked to close one it holds idle. */
+/** A pool that owns connections on hosts: asked for one it holds idle when another pool needs the slot. */
 export interface SlotOwner {
   /** Closes the connection if the pool holds it idle; false if it is in use. */
   closeIfIdle(connection: CountingConnection): boolean;
+  /**
+   * Takes one of its idle connections out of its idle list for another pool: `fits` says which
+   * one will do, `use` gets it (now no longer the pool's). False when it holds none idle.
+   */
+  yieldIdle(fits: (connection: CountingConnection) => boolean, use: (connection: CountingConnection | undefined) => void): boolean;
+  /** Lets go of a connection another pool takes over as it is (no QUIT: it stays open). */
+  detach(connection: CountingConnection): void;
 }
+
+/** What a dial asks of a host. */
+export interface SlotRequest {
+  cap: number;
+  owner: SlotOwner;
+  wanted: () => boolean;
+  signal: AbortSignal;
+  /** Connections with the same key are interchangeable (same binding, address, TLS, auth, timeouts). */
+  reuseKey: string;
+  /** The asking pool's per-connection limits: a connection taken over must have room under them. */
+  limits: ConnectionLimits;
+}
+
+/** A slot to dial on, or an open connection of another pool to the same host, taken over as it is. */
+export type SlotGrant = { slot: Slot; adopted?: undefined } | { adopted: CountingConnection; slot?: undefined };
 
 /** One held slot; released once, when the dial fails or the connection's socket is gone. */
 export interface Slot {
@@ -42,11 +64,14 @@ export class SlotCancelled extends Error {
 }
 
 interface SlotWaiter {
-  owner: SlotOwner;
-  cap: number;
-  wanted: () => boolean;
-  grant: (slot: Slot) => void;
+  request: SlotRequest;
+  grant: (grant: SlotGrant) => void;
   cancel: (err: SlotCancelled) => void;
+}
+
+interface AttachedConnection {
+  owner: SlotOwner;
+  reuseKey: string;
 }
 
 /**
@@ -79,7 +104,7 @@ export class HostState {
   private lastRefused = false;
   private failures = 0;
   private backoffUntil = 0;
-  private readonly connections = new Map<CountingConnection, SlotOwner>();
+  private readonly connections = new Map<CountingConnection, AttachedConnection>();
   private readonly waiters: SlotWaiter[] = [];
   private wakeTimer: NodeJS.Timeout | undefined;
 
@@ -124,33 +149,35 @@ export class HostState {
   }
 
   /**
-   * A slot for a dial: at once when the host has room, else when a connection here closes (an
-   * idle one of another pool is closed for it). Rejects with SlotCancelled when `signal` aborts
-   * or, once a slot is free, `wanted()` says the dial is no longer needed.
+   * A slot for a dial: at once when the host has room. When it is full, an idle connection of
+   * another pool that fits is taken over as it is (the way Postfix's connection cache serves a
+   * destination by address), else an idle one is closed to free a slot, else the dial waits for
+   * a connection here to close. Rejects with SlotCancelled when `signal` aborts or, once a slot
+   * is free, `wanted()` says the dial is no longer needed.
    */
-  take(cap: number, owner: SlotOwner, wanted: () => boolean, signal: AbortSignal): Promise<Slot> {
-    if (this.waiters.length === 0 && this.held < this.limit(cap)) return Promise.resolve(this.hold());
+  take(request: SlotRequest): Promise<SlotGrant> {
+    if (this.waiters.length === 0 && this.held < this.limit(request.cap)) return Promise.resolve({ slot: this.hold() });
     return new Promise((resolve, reject) => {
-      const waiter: SlotWaiter = { owner, cap, wanted, grant: resolve, cancel: reject };
+      const waiter: SlotWaiter = { request, grant: resolve, cancel: reject };
       const onAbort = (): void => {
         const i = this.waiters.indexOf(waiter);
         if (i >= 0) this.waiters.splice(i, 1);
         reject(new SlotCancelled('the pool is closing'));
       };
-      signal.addEventListener('abort', onAbort, { once: true });
-      waiter.grant = (slot) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(slot);
+      request.signal.addEventListener('abort', onAbort, { once: true });
+      waiter.grant = (grant) => {
+        request.signal.removeEventListener('abort', onAbort);
+        resolve(grant);
       };
       this.waiters.push(waiter);
-      this.evictIdle(owner);
+      this.reclaimIdle(waiter);
       this.wake();
     });
   }
 
   /** Binds a slot to a connection: the slot is released when its socket is gone. */
-  attach(slot: Slot, connection: CountingConnection, owner: SlotOwner): void {
-    this.connections.set(connection, owner);
+  attach(slot: Slot, connection: CountingConnection, owner: SlotOwner, reuseKey: string): void {
+    this.connections.set(connection, { owner, reuseKey });
     hostOf.set(connection, this);
     void connection.whenEnded().then(() => {
       this.connections.delete(connection);
@@ -200,14 +227,14 @@ export class HostState {
     this.wakeTimer = undefined;
     while (this.waiters.length > 0) {
       const waiter = this.waiters[0];
-      if (!waiter.wanted()) {
+      if (!waiter.request.wanted()) {
         this.waiters.shift();
         waiter.cancel(new SlotCancelled('no send waits for this connection any more'));
         continue;
       }
-      if (this.held >= this.limit(waiter.cap)) break;
+      if (this.held >= this.limit(waiter.request.cap)) break;
       this.waiters.shift();
-      waiter.grant(this.hold());
+      waiter.grant({ slot: this.hold() });
     }
     // A learned limit grows with time alone: wake the waiting dials when it does.
     if (this.waiters.length > 0 && this.learned !== Infinity) {
@@ -216,16 +243,53 @@ export class HostState {
     }
   }
 
-  /** True when a dial of a pool other than `owner` waits for a slot here and the host is full. */
-  wantedElsewhere(owner: SlotOwner): boolean {
-    const waiter = this.waiters.find((w) => w.owner !== owner);
-    return waiter !== undefined && this.held >= this.limit(waiter.cap);
+  /**
+   * A connection its pool is about to keep idle, while the host is full and another pool's dial
+   * waits here: taken over by that dial when it fits ('adopted'), or to be closed so the dial gets
+   * the slot ('close'); else 'keep'.
+   */
+  offerIdle(connection: CountingConnection, owner: SlotOwner): 'adopted' | 'close' | 'keep' {
+    const attached = this.connections.get(connection);
+    const others = this.waiters.filter((w) => w.request.owner !== owner);
+    if (!attached || others.length === 0 || this.held < this.limit(others[0].request.cap)) return 'keep';
+    const taker = others.find((w) => this.fits(connection, attached, w));
+    if (!taker) return 'close';
+    owner.detach(connection);
+    this.handOver(connection, taker);
+    return 'adopted';
   }
 
-  /** Frees a slot for a waiting dial by closing an idle connection another pool holds here. */
-  private evictIdle(requester: SlotOwner): void {
-    if (this.held < this.limit(this.waiters[0]?.cap ?? Infinity)) return;
-    for (const [connection, owner] of this.connections) {
+  private fits(connection: CountingConnection, attached: AttachedConnection, waiter: SlotWaiter): boolean {
+    return attached.reuseKey === waiter.request.reuseKey && connection.roomUnder(waiter.request.limits) > 0;
+  }
+
+  /** Gives a waiting dial an open connection another pool let go of. */
+  private handOver(connection: CountingConnection, waiter: SlotWaiter): void {
+    const i = this.waiters.indexOf(waiter);
+    if (i >= 0) this.waiters.splice(i, 1);
+    this.connections.set(connection, { owner: waiter.request.owner, reuseKey: waiter.request.reuseKey });
+    poolLog('host %s full: %s taken over by another pool', this.key, connection.id);
+    waiter.grant({ adopted: connection });
+  }
+
+  /** For a dial that waits on a full host: another pool's idle connection, taken over if one fits, else closed. */
+  private reclaimIdle(waiter: SlotWaiter): void {
+    if (this.held < this.limit(waiter.request.cap)) return;
+    const requester = waiter.request.owner;
+    const donors = new Set<SlotOwner>();
+    for (const { owner } of this.connections.values()) if (owner !== requester) donors.add(owner);
+    for (const donor of donors) {
+      const fits = (connection: CountingConnection): boolean => {
+        const attached = this.connections.get(connection);
+        return attached !== undefined && this.fits(connection, attached, waiter);
+      };
+      const yielded = donor.yieldIdle(fits, (connection) => {
+        if (connection && this.waiters.includes(waiter)) this.handOver(connection, waiter);
+        else if (connection) void connection.close('evicted');
+      });
+      if (yielded) return;
+    }
+    for (const [connection, { owner }] of this.connections) {
       if (owner !== requester && owner.closeIfIdle(connection)) {
         poolLog('host %s full: closed idle %s for another pool', this.key, connection.id);
         return;
@@ -237,12 +301,9 @@ export class HostState {
 /** The host each attached connection holds a slot on. */
 const hostOf = new WeakMap<CountingConnection, HostState>();
 
-/**
- * A connection its pool is about to keep idle: true when another pool's dial waits for its
- * host's slot, so the pool closes it instead (a full host's idle connections go to who waits).
- */
-export function neededElsewhere(connection: CountingConnection, owner: SlotOwner): boolean {
-  return hostOf.get(connection)?.wantedElsewhere(owner) ?? false;
+/** A connection its pool is about to keep idle: see HostState.offerIdle. */
+export function offerIdle(connection: CountingConnection, owner: SlotOwner): 'adopted' | 'close' | 'keep' {
+  return hostOf.get(connection)?.offerIdle(connection, owner) ?? 'keep';
 }
 
 /** One host as stats() shows it. */

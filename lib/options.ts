@@ -50,7 +50,7 @@ export interface ScopedOptions {
   /**
    * The most connections from one binding to one server address (IP and port), across every
    * domain's pool: a relay carrying 1 000 domains, or an MX host serving 150, never sees more.
-   * Pools share the host's slots; when the host is full, an idle connection of another pool is
+   * Pools share the host's slots; when the host is full, an idle connection of another pool is taken over (same options) or
    * closed to free one. Default 20 (Postfix's `default_destination_concurrency_limit`).
    */
   maxHostConnections?: number;

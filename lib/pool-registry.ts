@@ -25,7 +25,7 @@ import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from './errors';
 import { describeTarget, type CountingConnection, type RetireReason } from './connection';
 import { DialGate } from './dial-gate';
-import { neededElsewhere, SlotCancelled, type SlotOwner } from './host-slots';
+import { offerIdle, SlotCancelled, type SlotOwner } from './host-slots';
 import type { ResolvedOptions } from './options';
 import { poolLog } from './log';
 
@@ -83,6 +83,9 @@ export interface PoolStats {
   transactions: number;
   deliveries: number;
   recipients: number;
+  /** Open connections taken over from, and given to, other pools sending to the same host (maxHostConnections). */
+  adopted: number;
+  handedOver: number;
   retired: Partial<Record<RetireReason, number>>;
   /** Set while the pair is paused after the receiver throttled it (epoch ms of the pause's end). */
   pausedUntil?: number;
@@ -130,6 +133,12 @@ export class DestinationPool implements SlotOwner {
   private readonly abort = new AbortController();
   /** Deliveries under way for this pool, also between acquires (an MX lookup, a retry): it is not idle then. */
   private deliveries = 0;
+  /** Connections taken over from another pool: their figures when they came (stats count what they did here). */
+  private readonly baselines = new Map<CountingConnection, { transactions: number; deliveries: number; recipients: number }>();
+  /** Connections given to another pool: generic-pool forgets them without closing them. */
+  private readonly detaching = new Set<CountingConnection>();
+  private adopted = 0;
+  private handedOver = 0;
 
   constructor(
     binding: string,
@@ -275,14 +284,64 @@ export class DestinationPool implements SlotOwner {
   }
 
   private toIdle(connection: CountingConnection): void {
-    if (neededElsewhere(connection, this)) {
-      // Another pool waits for this host's slot: the connection goes, not into the idle list.
+    // Another pool waiting for this host's slot takes the connection over, or gets its slot.
+    const offer = offerIdle(connection, this);
+    if (offer === 'adopted') return;
+    if (offer === 'close') {
       connection.retire('evicted');
       this.afterReturn(this.pool.destroy(connection));
       return;
     }
     this.idleConnections.add(connection);
     this.afterReturn(this.pool.release(connection));
+  }
+
+  /** Host slots: the top idle connection, for another pool, if it fits (else it stays idle). */
+  yieldIdle(fits: (connection: CountingConnection) => boolean, use: (connection: CountingConnection | undefined) => void): boolean {
+    if (this.closing || this.idleConnections.size === 0 || this.pool.available === 0) return false;
+    // generic-pool hands out its most recently used idle entry; this pool's waiters would have had it first.
+    this.grants++;
+    this.pool.acquire().then(
+      (entry) => {
+        this.grants--;
+        if (entry instanceof NoConnection) {
+          void this.pool.destroy(entry);
+          use(undefined);
+          return;
+        }
+        this.idleConnections.delete(entry);
+        if (entry.usable && fits(entry)) {
+          this.detach(entry);
+          use(entry);
+          return;
+        }
+        use(undefined);
+        // Back where it was: toIdle closes it if the host is still full for another pool.
+        if (entry.usable) this.toIdle(entry);
+        else this.afterReturn(this.pool.destroy(entry));
+      },
+      () => {
+        this.grants--;
+        use(undefined);
+      },
+    );
+    return true;
+  }
+
+  /** Lets go of a borrowed connection another pool takes over: its figures stay here, its socket stays open. */
+  detach(connection: CountingConnection): void {
+    const base = this.baselines.get(connection);
+    this.totals.transactions += connection.transactions - (base?.transactions ?? 0);
+    this.totals.deliveries += connection.deliveries - (base?.deliveries ?? 0);
+    this.totals.recipients += connection.recipients - (base?.recipients ?? 0);
+    this.baselines.delete(connection);
+    this.idleConnections.delete(connection);
+    this.live.delete(connection);
+    this.gate.forget(connection);
+    this.handedOver++;
+    this.detaching.add(connection);
+    void this.pool.destroy(connection);
+    if (this.waiters.size > 0) this.dispatch();
   }
 
   /** Host slots: a connection of this pool held idle is closed to free its slot for another pool. */
@@ -370,9 +429,10 @@ export class DestinationPool implements SlotOwner {
     const sum = { ...this.totals };
     let encrypted = 0;
     for (const connection of this.live) {
-      sum.transactions += connection.transactions;
-      sum.deliveries += connection.deliveries;
-      sum.recipients += connection.recipients;
+      const base = this.baselines.get(connection);
+      sum.transactions += connection.transactions - (base?.transactions ?? 0);
+      sum.deliveries += connection.deliveries - (base?.deliveries ?? 0);
+      sum.recipients += connection.recipients - (base?.recipients ?? 0);
       if (connection.encrypted) encrypted++;
     }
     const now = Date.now();
@@ -384,6 +444,8 @@ export class DestinationPool implements SlotOwner {
       waiting: this.waiters.size,
       encrypted,
       ...sum,
+      adopted: this.adopted,
+      handedOver: this.handedOver,
       retired: { ...this.retired },
     };
     if (this.gate.paused(now)) stats.pausedUntil = this.gate.pauseEnds;
@@ -415,7 +477,13 @@ export class DestinationPool implements SlotOwner {
     const startedAt = Date.now();
     try {
       const connection = await this.connect({ owner: this, wanted: () => this.wantsDial(), signal: this.abort.signal });
-      this.totals.opened++;
+      // A connection taken over from another pool has a past there; a new one has none.
+      if (connection.transactions > 0) {
+        this.adopted++;
+        this.baselines.set(connection, { transactions: connection.transactions, deliveries: connection.deliveries, recipients: connection.recipients });
+      } else {
+        this.totals.opened++;
+      }
       this.live.add(connection);
       this.gate.connected(connection);
       return connection;
@@ -436,7 +504,7 @@ export class DestinationPool implements SlotOwner {
   }
 
   private async destroy(entry: PoolEntry): Promise<void> {
-    if (entry instanceof NoConnection) return;
+    if (entry instanceof NoConnection || this.detaching.delete(entry)) return;
     this.idleConnections.delete(entry);
     this.gate.forget(entry);
     const reason: RetireReason = entry.usable ? (this.closing ?? 'idle') : 'serverClosed';
@@ -444,9 +512,11 @@ export class DestinationPool implements SlotOwner {
     this.live.delete(entry);
     const finalReason = entry.retireReason ?? reason;
     this.retired[finalReason] = (this.retired[finalReason] ?? 0) + 1;
-    this.totals.transactions += entry.transactions;
-    this.totals.deliveries += entry.deliveries;
-    this.totals.recipients += entry.recipients;
+    const base = this.baselines.get(entry);
+    this.baselines.delete(entry);
+    this.totals.transactions += entry.transactions - (base?.transactions ?? 0);
+    this.totals.deliveries += entry.deliveries - (base?.deliveries ?? 0);
+    this.totals.recipients += entry.recipients - (base?.recipients ?? 0);
     this.onConnectionClosed({
       id: entry.id,
       binding: this.binding,

@@ -4,7 +4,9 @@
  * Hosts are tried in order until one takes the connection, so a pool keeps its key while its
  * connections may land on different hosts.
  */
+import { createHash } from 'node:crypto';
 import { isIP } from 'node:net';
+import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import { describeError } from './errors';
 import { CountingConnection, type ConnectionTarget } from './connection';
 import type { Binding } from './config';
@@ -63,7 +65,6 @@ export class Router {
       let verdict: DialVerdict = 'unreachable';
       for (const hop of this.dialOrder(binding, decision.hops)) {
         const host = this.slots.host(binding.name, hop.host, hop.port);
-        const slot = await host.take(options.maxHostConnections, request.owner, request.wanted, request.signal);
         const target: ConnectionTarget = {
           ...hop,
           localAddress: binding.localAddress,
@@ -72,11 +73,18 @@ export class Router {
           greetingTimeout: options.greetingTimeout,
           socketTimeout: options.socketTimeout,
         };
+        const reuseKey = reuseKeyOf(target, hop.plainTextRetry);
+        const { slot, adopted } = await host.take({ ...request, cap: options.maxHostConnections, reuseKey, limits });
+        if (adopted) {
+          // Another pool's open connection to this host, with this pool's limits from now on.
+          adopted.limits = limits;
+          return adopted;
+        }
         try {
           // tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
           const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => CountingConnection.open(label, t, limits));
           host.record('connected', 0, backoff);
-          host.attach(slot, connection, request.owner);
+          host.attach(slot, connection, request.owner, reuseKey);
           return connection;
         } catch (err) {
           // Recorded before the slot goes, so that a backoff keeps the host's entry.
@@ -103,6 +111,28 @@ export class Router {
     const usable = live.length > 0 ? live : candidates;
     return usable.sort((a, b) => a.hop.priority - b.hop.priority || a.load - b.load || a.tieBreak - b.tieBreak || a.order - b.order).map(({ hop }) => hop);
   }
+}
+
+/**
+ * Connections to one host with the same key can carry one another's mail: everything that was
+ * decided when the connection was opened (source, EHLO name, TLS and auth, timeouts) is in it.
+ */
+function reuseKeyOf(target: ConnectionTarget, plainTextRetry: boolean): string {
+  const { tls, auth, ...plain } = target;
+  return JSON.stringify([plain, auth?.user, auth?.pass !== undefined, plainTextRetry, tls ? describeTls(tls) : null]);
+}
+
+/** TLS options as a short stable string: keys in order, large values (certificates) by hash. */
+function describeTls(tls: TlsConnectionOptions): string {
+  return JSON.stringify(
+    Object.keys(tls)
+      .sort()
+      .map((key) => {
+        const value = (tls as Record<string, unknown>)[key];
+        const text = typeof value === 'function' ? String(value) : (JSON.stringify(value) ?? 'undefined');
+        return [key, text.length > 64 ? createHash('sha256').update(text).digest('base64') : text];
+      }),
+  );
 }
 
 /** What the server's answer to a connect says about it. */

@@ -334,7 +334,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       expect(f.dns?.mx).toBe(150);
     });
 
-    test('sharedRelay with maxHostConnections 5: at most 5 sessions, all accepted, idle connections of other pools closed (evicted) to free slots', async () => {
+    test('sharedRelay with maxHostConnections 5: at most 5 sessions, all accepted, the open connections taken over from pool to pool (5 connects for 300 domains)', async () => {
       const closed: ConnectionSummary[] = [];
       const f = await runReceiverScenario('sharedRelay', {
         transportModule: lib,
@@ -347,6 +347,27 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       expectAllDelivered(f);
       expect(f.peakConcurrent).toBeLessThanOrEqual(5);
       expect(f.refusedGreetings).toBe(0);
+      // Every domain's pool routes to the same relay with the same options: an idle connection of
+      // one pool carries the next pool's mail as it is (no new connect, nothing evicted).
+      expect(f.connects).toBeLessThanOrEqual(5);
+      expect(retired.evicted ?? 0).toBe(0);
+    });
+
+    test("connections that cannot carry another pool's mail (other options) are closed to free the slot instead: maxHostConnections 2, two kinds of domains", async () => {
+      const closed: ConnectionSummary[] = [];
+      // Half the domains have their own socketTimeout: their connections were opened differently,
+      // so they are not interchangeable with the others' and an idle one is closed (evicted).
+      const odd = Object.fromEntries(Array.from({ length: 20 }, (_, i) => [`d${2 * i + 1}.sharedrelay.test`, { socketTimeout: 123_456 }]));
+      const f = await runReceiverScenario('sharedRelay', {
+        transportModule: lib,
+        messages: 40,
+        options: { maxHostConnections: 2, domains: odd },
+        onTransport: (t) => t.on('connectionClosed', (summary: ConnectionSummary) => closed.push(summary)),
+      });
+      const retired = retiredBy(closed);
+      noteScenario('sharedRelay, maxHostConnections 2, two kinds of domains (40 domains × 1 mix)', f, { retired });
+      expectAllDelivered(f);
+      expect(f.peakConcurrent).toBeLessThanOrEqual(2);
       expect(retired.evicted ?? 0).toBeGreaterThan(0);
     });
   });

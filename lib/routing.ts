@@ -58,6 +58,7 @@ export class Router {
     };
     const label = `${binding.name}/${domain}`;
     const backoff = { first: options.connectBackoff, max: options.maxConnectBackoff };
+    const reuseKeys = new Map<string, string>();
     return async (request) => {
       const decision = await this.decide(binding, domain, options);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
@@ -73,7 +74,10 @@ export class Router {
           greetingTimeout: options.greetingTimeout,
           socketTimeout: options.socketTimeout,
         };
-        const reuseKey = reuseKeyOf(target, hop.plainTextRetry);
+        // Everything in the key but the hop's address comes from this pair's options: computed once per host.
+        const hostKey = `${hop.host}:${hop.port}:${hop.servername ?? ''}`;
+        let reuseKey = reuseKeys.get(hostKey);
+        if (reuseKey === undefined) reuseKeys.set(hostKey, (reuseKey = reuseKeyOf(target, hop.plainTextRetry)));
         const { slot, adopted } = await host.take({ ...request, cap: options.maxHostConnections, reuseKey, limits });
         if (adopted) {
           // Another pool's open connection to this host, with this pool's limits from now on.

@@ -36,6 +36,8 @@ export class DialGate {
   throttleReply = '';
   private probation = false;
   private probe: CountingConnection | undefined;
+  /** The probe's deliveries when it came (one taken over from another pool has some already). */
+  private probeBase = 0;
 
   constructor(private readonly settings: DialGateSettings) {}
 
@@ -70,7 +72,10 @@ export class DialGate {
   connected(connection: CountingConnection): void {
     this.failuresInRow = 0;
     this.backoffUntil = 0;
-    if (this.probation && this.probe === undefined) this.probe = connection;
+    if (this.probation && this.probe === undefined) {
+      this.probe = connection;
+      this.probeBase = connection.deliveries;
+    }
   }
 
   /** A dial failed: a crowded host changes nothing here, a throttling one pauses, a dead one backs off. */
@@ -95,7 +100,7 @@ export class DialGate {
       else this.probation = true;
       return;
     }
-    if (this.probe === connection && connection.deliveries > 0) {
+    if (this.probe === connection && connection.deliveries > this.probeBase) {
       this.probation = false;
       this.probe = undefined;
       this.throttleLevel = Math.max(0, this.throttleLevel - 1);

@@ -99,6 +99,8 @@ export type DialOutcome = 'connected' | 'refused' | 'unreachable' | 'other';
 export class HostState {
   /** Slots held: dials in progress, open connections, connections still closing. */
   held = 0;
+  /** The cap of the last dial that asked (maxHostConnections is scoped: pools may differ). */
+  private cap = Infinity;
   private learned = Infinity;
   private learnedAt = 0;
   private lastRefused = false;
@@ -127,7 +129,8 @@ export class HostState {
 
   /** The number learned from refusals, while one is in force. */
   get learnedLimit(): number | undefined {
-    return this.learned === Infinity ? undefined : this.learned;
+    const limit = this.limit(this.cap);
+    return this.learned === Infinity ? undefined : limit;
   }
 
   get open(): number {
@@ -136,7 +139,7 @@ export class HostState {
 
   /** Nothing held, learned or backed off, nobody waiting: the entry can go. */
   idle(now: number): boolean {
-    return this.held === 0 && this.waiters.length === 0 && this.limit(Infinity) === Infinity && !this.backingOff(now);
+    return this.held === 0 && this.waiters.length === 0 && this.learnedLimit === undefined && !this.backingOff(now);
   }
 
   /** True while the host is backed off after failed connects. */
@@ -156,6 +159,8 @@ export class HostState {
    * is free, `wanted()` says the dial is no longer needed.
    */
   take(request: SlotRequest): Promise<SlotGrant> {
+    if (request.signal.aborted) return Promise.reject(new SlotCancelled('the pool is closing'));
+    this.cap = request.cap;
     if (this.waiters.length === 0 && this.held < this.limit(request.cap)) return Promise.resolve({ slot: this.hold() });
     return new Promise((resolve, reject) => {
       const waiter: SlotWaiter = { request, grant: resolve, cancel: reject };
@@ -269,6 +274,7 @@ export class HostState {
     if (i >= 0) this.waiters.splice(i, 1);
     this.connections.set(connection, { owner: waiter.request.owner, reuseKey: waiter.request.reuseKey });
     poolLog('host %s full: %s taken over by another pool', this.key, connection.id);
+    adoptedConnections.add(connection);
     waiter.grant({ adopted: connection });
   }
 
@@ -284,11 +290,19 @@ export class HostState {
         return attached !== undefined && this.fits(connection, attached, waiter);
       };
       const yielded = donor.yieldIdle(fits, (connection) => {
-        if (connection && this.waiters.includes(waiter)) this.handOver(connection, waiter);
+        const waiting = this.waiters.includes(waiter);
+        if (connection && waiting) this.handOver(connection, waiter);
         else if (connection) void connection.close('evicted');
+        else if (waiting) this.evictIdle(requester);
       });
       if (yielded) return;
     }
+    this.evictIdle(requester);
+  }
+
+  /** Closes an idle connection another pool holds here, to free its slot. */
+  private evictIdle(requester: SlotOwner): void {
+    if (this.held < this.limit(this.cap)) return;
     for (const [connection, { owner }] of this.connections) {
       if (owner !== requester && owner.closeIfIdle(connection)) {
         poolLog('host %s full: closed idle %s for another pool', this.key, connection.id);
@@ -300,6 +314,13 @@ export class HostState {
 
 /** The host each attached connection holds a slot on. */
 const hostOf = new WeakMap<CountingConnection, HostState>();
+/** Connections handed to another pool's dial, until that pool has counted them as taken over. */
+const adoptedConnections = new WeakSet<CountingConnection>();
+
+/** True once for a connection a dial got by taking it over from another pool (not a new one). */
+export function takenOver(connection: CountingConnection): boolean {
+  return adoptedConnections.delete(connection);
+}
 
 /** A connection its pool is about to keep idle: see HostState.offerIdle. */
 export function offerIdle(connection: CountingConnection, owner: SlotOwner): 'adopted' | 'close' | 'keep' {

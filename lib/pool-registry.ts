@@ -25,7 +25,7 @@ import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from './errors';
 import { describeTarget, type CountingConnection, type RetireReason } from './connection';
 import { DialGate } from './dial-gate';
-import { offerIdle, SlotCancelled, type SlotOwner } from './host-slots';
+import { offerIdle, SlotCancelled, takenOver, type SlotOwner } from './host-slots';
 import type { ResolvedOptions } from './options';
 import { poolLog } from './log';
 
@@ -265,8 +265,7 @@ export class DestinationPool implements SlotOwner {
     this.grants--;
     if (entry instanceof NoConnection || !entry.usable) {
       // A dial that produced nothing, or a connection the server closed while it sat idle.
-      if (entry instanceof NoConnection) void this.pool.destroy(entry);
-      else this.afterReturn(this.pool.destroy(entry));
+      this.afterReturn(this.pool.destroy(entry));
       this.dispatch();
       return;
     }
@@ -286,7 +285,10 @@ export class DestinationPool implements SlotOwner {
   private toIdle(connection: CountingConnection): void {
     // Another pool waiting for this host's slot takes the connection over, or gets its slot.
     const offer = offerIdle(connection, this);
-    if (offer === 'adopted') return;
+    if (offer === 'adopted') {
+      this.armIdleTimer();
+      return;
+    }
     if (offer === 'close') {
       connection.retire('evicted');
       this.afterReturn(this.pool.destroy(connection));
@@ -296,35 +298,34 @@ export class DestinationPool implements SlotOwner {
     this.afterReturn(this.pool.release(connection));
   }
 
-  /** Host slots: the top idle connection, for another pool, if it fits (else it stays idle). */
+  /**
+   * Host slots: one of this pool's idle connections that `fits`, for another pool; false when
+   * none does. generic-pool hands out only its most recent idle entry, so every idle entry is
+   * taken out, the one that fits goes, the rest go back.
+   */
   yieldIdle(fits: (connection: CountingConnection) => boolean, use: (connection: CountingConnection | undefined) => void): boolean {
-    if (this.closing || this.idleConnections.size === 0 || this.pool.available === 0) return false;
-    // generic-pool hands out its most recently used idle entry; this pool's waiters would have had it first.
-    this.grants++;
-    this.pool.acquire().then(
-      (entry) => {
-        this.grants--;
+    const count = this.pool.available;
+    if (this.closing || count === 0 || ![...this.idleConnections].some(fits)) return false;
+    this.grants += count;
+    const taken = Array.from({ length: count }, () => this.pool.acquire().catch(() => undefined));
+    void Promise.all(taken).then((entries) => {
+      this.grants -= count;
+      let chosen: CountingConnection | undefined;
+      for (const entry of entries) {
+        if (entry === undefined) continue;
         if (entry instanceof NoConnection) {
-          void this.pool.destroy(entry);
-          use(undefined);
-          return;
+          this.afterReturn(this.pool.destroy(entry));
+          continue;
         }
         this.idleConnections.delete(entry);
-        if (entry.usable && fits(entry)) {
-          this.detach(entry);
-          use(entry);
-          return;
-        }
-        use(undefined);
-        // Back where it was: toIdle closes it if the host is still full for another pool.
-        if (entry.usable) this.toIdle(entry);
+        if (!chosen && entry.usable && fits(entry)) chosen = entry;
+        else if (entry.usable) this.toIdle(entry);
         else this.afterReturn(this.pool.destroy(entry));
-      },
-      () => {
-        this.grants--;
-        use(undefined);
-      },
-    );
+      }
+      if (chosen) this.detach(chosen);
+      use(chosen);
+      if (this.waiters.size > 0) this.dispatch();
+    });
     return true;
   }
 
@@ -477,8 +478,8 @@ export class DestinationPool implements SlotOwner {
     const startedAt = Date.now();
     try {
       const connection = await this.connect({ owner: this, wanted: () => this.wantsDial(), signal: this.abort.signal });
-      // A connection taken over from another pool has a past there; a new one has none.
-      if (connection.transactions > 0) {
+      // A connection taken over from another pool has a past there.
+      if (takenOver(connection)) {
         this.adopted++;
         this.baselines.set(connection, { transactions: connection.transactions, deliveries: connection.deliveries, recipients: connection.recipients });
       } else {

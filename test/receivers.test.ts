@@ -579,5 +579,54 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       }
       expect(ca.peakSessions + cb.peakSessions).toBeLessThanOrEqual(4);
     });
+
+    // Review finding: generic-pool hands out only its most recent idle entry; when that one was
+    // on another host, the waiting dial got nothing and its sends timed out.
+    test("a full host takes over the idle connection another pool holds there, also when that pool's newest idle connection is on another host", async () => {
+      const [a, b] = await serversOnOnePort([{ host: '127.0.0.5' }, { host: '127.0.0.6' }]);
+      const dns = await dnsServer({
+        mx: {
+          'two.test': [
+            { priority: 10, exchange: 'mx1.two.test' },
+            { priority: 10, exchange: 'mx2.two.test' },
+          ],
+          'one.test': [{ priority: 10, exchange: 'mx1.two.test' }],
+        },
+        a: { 'mx1.two.test': ['127.0.0.5'], 'mx2.two.test': ['127.0.0.6'] },
+      });
+      const { pool, transporter } = transport({ dnsServers: [dns.address], port: a.port, tls: 'no', maxHostConnections: 1, acquireTimeout: 3_000 });
+      const [first, second, third] = receiverMessages('perIpCap', 3, 1);
+      // two.test's pool opens one connection to each host (one per host at most) and keeps both idle.
+      await Promise.all([transporter.sendMail({ ...first, to: 'r0@two.test' }), transporter.sendMail({ ...second, to: 'r1@two.test' })]);
+      const started = Date.now();
+      const info = await transporter.sendMail({ ...third, to: 'r2@one.test' });
+      const elapsedMs = Date.now() - started;
+      const stats = pool.stats().pools;
+      await pool.close();
+      await serversSettled(a, b);
+      note('one.test waits on a full host (maxHostConnections 1) whose idle connection two.test holds', {
+        elapsedMs,
+        'connects a/b': `${a.total.connects}/${b.total.connects}`,
+      });
+      expect(info.accepted).toEqual(['r2@one.test']);
+      expect(elapsedMs).toBeLessThan(1_000);
+      expect(a.total.connects).toBe(1);
+      expect(stats.find((p) => p.domain === 'one.test')).toMatchObject({ adopted: 1, opened: 0 });
+    });
+
+    // Review finding: a pool whose last dial ended after its sends had given up was never dropped.
+    test('a pool whose dial fails after its sends gave up is still dropped when idle', async () => {
+      const silent = await policyServer({ host: '127.0.0.19', stallAfter: 0 });
+      const { pool, transporter } = transport({ route: silent.route, acquireTimeout: 100, greetingTimeout: 300, idleTimeout: 200 });
+      const err = await transporter.sendMail(receiverMessages('perIpCap', 1, 1)[0]).catch((e: unknown) => e as { code: string });
+      expect(err.code).toBe('EPENDING');
+      // The dial fails at the greeting timeout (300 ms), then the pool is idle for 200 ms.
+      await new Promise((resolve) => setTimeout(resolve, 900));
+      const stats = pool.stats();
+      await pool.close();
+      await serversSettled(silent);
+      expect(stats.pools).toEqual([]);
+      expect(stats.droppedPools.pools).toBe(1);
+    });
   });
 });

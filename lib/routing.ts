@@ -163,9 +163,10 @@ function dialVerdict(outcome: DialOutcome, others: number, err: unknown): DialVe
 
 /** Of the hosts' answers, the one that decides what the pool does (see DialVerdict). */
 function worse(a: DialVerdict, b: DialVerdict): DialVerdict {
-  const rank: Record<DialVerdict, number> = { unreachable: 0, throttled: 1, crowded: 2 };
-  return rank[b] > rank[a] ? b : a;
+  return VERDICT_RANK[b] > VERDICT_RANK[a] ? b : a;
 }
+
+const VERDICT_RANK: Record<DialVerdict, number> = { unreachable: 0, throttled: 1, crowded: 2 };
 
 function routeHop(options: ResolvedOptions): Hop {
   const route = options.route!;

@@ -213,6 +213,19 @@ const sorted = (list: string[]) => [...list].sort();
 
 // ---------------------------------------------------------------------------------------------
 
+/** A zone where `domain` has two MX hosts, mx1 on 127.0.0.5 and mx2 on 127.0.0.6, with these preferences. */
+function twoHostZone(domain: string, first: number, second: number): Zone {
+  return {
+    mx: {
+      [domain]: [
+        { priority: first, exchange: `mx1.${domain}` },
+        { priority: second, exchange: `mx2.${domain}` },
+      ],
+    },
+    a: { [`mx1.${domain}`]: ['127.0.0.5'], [`mx2.${domain}`]: ['127.0.0.6'] },
+  };
+}
+
 describe('receivers that defend themselves (issue 11), counted on the server side', () => {
   test('perIpCap: 2 sessions per client IP, 300 messages, default options: all 300 accepted once each, a handful of refused greetings, never more than 2 sessions', async () => {
     const f = await runReceiverScenario('perIpCap', { transportModule: lib });
@@ -497,15 +510,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
         { host: '127.0.0.5', options: { stallAfter: 0 } },
         { host: '127.0.0.6', options: {} },
       ]);
-      const dns = await dnsServer({
-        mx: {
-          'backoff.test': [
-            { priority: 10, exchange: 'mx1.backoff.test' },
-            { priority: 20, exchange: 'mx2.backoff.test' },
-          ],
-        },
-        a: { 'mx1.backoff.test': ['127.0.0.5'], 'mx2.backoff.test': ['127.0.0.6'] },
-      });
+      const dns = await dnsServer(twoHostZone('backoff.test', 10, 20));
       // connectBackoff is also the first step of a host's own backoff: 5 s outlasts the test,
       // so the dead host must be dialled exactly once.
       const { pool, transporter } = transport({
@@ -546,15 +551,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
 
     test('two MX hosts of equal preference, 40 messages, maxOutboundConnections 4: connections spread over both', async () => {
       const [a, b] = await serversOnOnePort([{ host: '127.0.0.5' }, { host: '127.0.0.6' }]);
-      const dns = await dnsServer({
-        mx: {
-          'spread.test': [
-            { priority: 10, exchange: 'mx1.spread.test' },
-            { priority: 10, exchange: 'mx2.spread.test' },
-          ],
-        },
-        a: { 'mx1.spread.test': ['127.0.0.5'], 'mx2.spread.test': ['127.0.0.6'] },
-      });
+      const dns = await dnsServer(twoHostZone('spread.test', 10, 10));
       const messages = receiverMessages('perIpCap', 40, 1).map((m, i) => ({ ...m, to: `r${i}@spread.test` }));
       const {
         settled,

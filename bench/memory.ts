@@ -130,7 +130,7 @@ async function main(): Promise<void> {
   peakRss = Math.max(peakRss, process.memoryUsage.rss());
   const atDrop = await settle();
   // A closed connection stays reachable for a while from timers its close armed (2 s in
-  // lib/connection.ts): measure again once those have run.
+  // lib/smtp/connection.ts): measure again once those have run.
   await sleep(spec.settleMs);
   const afterDrop = await settle();
 

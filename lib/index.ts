@@ -1,8 +1,8 @@
 export { BindingPoolTransport, VERSION } from './transport';
 export type { BindingPoolSentMessageInfo, BindingPoolSendError, TransportStats } from './transport';
-export type { ConnectionUse, DomainResult, RecipientOutcome, RecipientStatus } from './delivery';
-export type { ConnectionSummary, DroppedPoolTotals, PoolStats } from './pool-registry';
-export type { RetireReason } from './connection';
+export type { ConnectionUse, DomainResult, RecipientOutcome, RecipientStatus } from './delivery/deliver';
+export type { ConnectionSummary, DroppedPoolTotals, PoolStats } from './pool/registry';
+export type { RetireReason } from './smtp/connection';
 export { BindingPoolError, ConfigError } from './errors';
 export type { BindingPoolErrorCode } from './errors';
 export type {
@@ -15,7 +15,7 @@ export type {
   RouteAuth,
   ScopedOptions,
   TlsPolicy,
-} from './options';
+} from './policy/options';
 
 // A message may name its binding or binding group in sendMail() without a cast. The build copies
 // this block into dist/esm/index.d.mts (scripts/build.mjs): Nodemailer has separate declarations

@@ -1,23 +1,23 @@
 /**
  * The Nodemailer glue: a Transport that builds each message once, checks and groups its
  * recipients by destination domain, names the message's binding, and hands it to the delivery
- * engine (engine.ts). It turns the per-domain outcomes into Nodemailer's info (or error) shape.
+ * engine (engine/local.ts). It turns the per-domain outcomes into Nodemailer's info (or error) shape.
  */
 import { EventEmitter } from 'node:events';
 import type { MailMessage, SentMessageInfo, Transport } from 'nodemailer';
-import { ScopeResolver } from './config';
-import { emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery';
-import { LocalEngine, type Engine, type EngineStats } from './engine';
-import { ThreadEngine } from './engine-thread';
-import { ConcurrencyLimit } from './concurrency';
+import { ScopeResolver } from './policy/scopes';
+import { emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery/deliver';
+import { LocalEngine, type Engine, type EngineStats } from './engine/local';
+import { ThreadEngine } from './engine/thread';
+import { ConcurrencyLimit } from './message/concurrency';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
-import { rawBytes, rawMessageId, readMessage, toWireForm } from './message-bytes';
-import { READ_AHEAD_OPTIONS, READ_AHEAD_PER_CONNECTION, SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './options';
-import type { ConnectionSummary } from './pool-registry';
-import { ReadAheadBudget, type ReadAheadKey } from './read-ahead';
-import { assertCleanAddressFields, assertNoInjection, groupByDomain, type Recipient } from './recipients';
-import type { SenderName } from './config';
+import { rawBytes, rawMessageId, readMessage, toWireForm } from './message/bytes';
+import { READ_AHEAD_OPTIONS, READ_AHEAD_PER_CONNECTION, SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './policy/options';
+import type { ConnectionSummary } from './pool/registry';
+import { ReadAheadBudget, type ReadAheadKey } from './message/read-ahead';
+import { assertCleanAddressFields, assertNoInjection, groupByDomain, type Recipient } from './message/recipients';
+import type { SenderName } from './policy/scopes';
 
 export const VERSION = '0.1.0';
 

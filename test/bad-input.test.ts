@@ -19,7 +19,7 @@ import {
   type BindingPoolSentMessageInfo,
   type RecipientOutcome,
 } from '../lib';
-import { groupByDomain, parseRecipient } from '../lib/recipients';
+import { groupByDomain, parseRecipient } from '../lib/message/recipients';
 import { FaultServer, type FaultPlan } from './support/fault-server';
 import { InvariantChecker } from './support/invariants';
 import { makeTransport } from './support/send';

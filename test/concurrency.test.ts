@@ -1,4 +1,4 @@
-import { ConcurrencyLimit } from '../lib/concurrency';
+import { ConcurrencyLimit } from '../lib/message/concurrency';
 import { closedAfterEach } from './support/harness';
 import { messages, routeTo } from './support/send';
 

@@ -259,7 +259,7 @@ describe('a destination that refuses connections', () => {
     expect(listener.accepted).toBe(3);
   });
 
-  // BUG (lib/pool-registry.ts): a connect that fails after its acquire already timed out leaves its
+  // BUG (lib/pool/registry.ts): a connect that fails after its acquire already timed out leaves its
   // ConnectFailure entry idle in the pool; the next send after the backoff borrows that stale
   // entry and fails with the old error without dialling.
   test('a connect that fails after the waiting send gave up does not fail a later send without dialling', async () => {

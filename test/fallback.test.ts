@@ -182,7 +182,7 @@ describe('452 too many recipients (RFC 5321 3.3: the rest go in a new transactio
     expect(server.connections).toHaveLength(1);
   });
 
-  // BUG (lib/delivery.ts): every 452 counts as one of a recipient's maxAttempts, although the
+  // BUG (lib/delivery/deliver.ts): every 452 counts as one of a recipient's maxAttempts, although the
   // transaction made progress and nothing broke; with 2 recipients per transaction and the default
   // maxAttempts 3, recipients 7 and later end pending instead of being delivered.
   test("a recipient list longer than maxAttempts × the server's per-transaction limit is still delivered in full", async () => {

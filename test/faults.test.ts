@@ -445,7 +445,7 @@ describe('every fault at once, at random (seeded)', () => {
 });
 
 describe('a connection lost at the RSET after a refused transaction', () => {
-  // Found by the soak (a restart at that moment) and fixed in lib/connection.ts (resetSession):
+  // Found by the soak (a restart at that moment) and fixed in lib/smtp/connection.ts (resetSession):
   // Nodemailer drops reset()'s callback when the connection closes or times out before the
   // reply, and the transaction's promise never settled, nor sendMail(), nor close(). Liveness
   // needs a bound: 3 s here, against a 300 ms socketTimeout.
@@ -469,7 +469,7 @@ describe('a connection lost at the RSET after a refused transaction', () => {
 });
 
 describe('known bug', () => {
-  // BUG (lib/pool-registry.ts): generic-pool takes a connection out of its count as soon as its
+  // BUG (lib/pool/registry.ts): generic-pool takes a connection out of its count as soon as its
   // destroy starts, while CountingConnection.close() is still QUITting it; the pool dials the
   // replacement at once, so the destination sees up to 2 × maxOutboundConnections connections
   // from one binding. Server-side count, no timing involved: 30 messages, limits 3 / 2.

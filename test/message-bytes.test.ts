@@ -1,5 +1,5 @@
 /**
- * The raw-message shortcut (lib/message-bytes.ts): the bytes taken without reading Nodemailer's
+ * The raw-message shortcut (lib/message/bytes.ts): the bytes taken without reading Nodemailer's
  * stream are the bytes the stream yields, and anything that would change them on the way (DKIM,
  * a plugin's stream transform, a newline conversion) makes the transport read the stream.
  */
@@ -8,7 +8,7 @@ import { Readable, Transform } from 'node:stream';
 import fc from 'fast-check';
 import nodemailer from 'nodemailer';
 import type { MailMessage, SendMailOptions, Transport, Transporter } from 'nodemailer';
-import { rawBytes, rawMessageId, readMessage } from '../lib/message-bytes';
+import { rawBytes, rawMessageId, readMessage } from '../lib/message/bytes';
 import { closedAfterEach } from './support/harness';
 import { routeTo } from './support/send';
 

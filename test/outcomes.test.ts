@@ -12,7 +12,7 @@
  */
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import type { BindingPoolSendError, BindingPoolSentMessageInfo } from '../lib';
-import type { MessageJob } from '../lib/engine';
+import type { MessageJob } from '../lib/engine/local';
 import { FaultServer } from './support/fault-server';
 import { closedAfterEach, rejection } from './support/harness';
 import type { RecordingServer } from './support/recording-server';
@@ -233,7 +233,7 @@ describe('LMTP: a server that stops after some of its per-recipient replies', ()
   });
 
   /*
-   * Found by this test and fixed in lib/verdicts.ts: the reset comes after two LMTP replies, so
+   * Found by this test and fixed in lib/smtp/verdicts.ts: the reset comes after two LMTP replies, so
    * the server had read the final dot; the two unanswered recipients were sent again.
    */
   test('reset (RST) after 2 of 4 replies: the server read the dot, so the other 2 are pending "outcome unknown", not sent again', async () => {
@@ -403,7 +403,7 @@ describe('deliveryThread: the worker dies under a send', () => {
   });
 
   /*
-   * Found by this test and fixed in lib/engine-thread.ts: a job handed to deliver() waits in the
+   * Found by this test and fixed in lib/engine/thread.ts: a job handed to deliver() waits in the
    * outbox until the flush on setImmediate. When the worker's exit was handled in between,
    * lost() reported the job "outcome unknown" while the flush posted it to a new worker, which
    * delivered it. Now jobs still in the outbox keep their senders and get the real result.

@@ -1,10 +1,10 @@
 /**
- * The read-ahead budget (lib/read-ahead.ts): unit cases on its gates, then real sends of large
+ * The read-ahead budget (lib/message/read-ahead.ts): unit cases on its gates, then real sends of large
  * composed messages to a loopback server whose reader is slow, checking that the bytes held never
  * pass the budget while every message is delivered intact.
  */
 import { randomBytes } from 'node:crypto';
-import { ReadAheadBudget, type ReadAheadTicket } from '../lib/read-ahead';
+import { ReadAheadBudget, type ReadAheadTicket } from '../lib/message/read-ahead';
 import { closedAfterEach } from './support/harness';
 import { routeTo } from './support/send';
 

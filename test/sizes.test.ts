@@ -67,7 +67,7 @@ function table(eightBit: boolean, seed: number): Buffer {
 }
 const TABLES = { ascii: table(false, 1), eightBit: table(true, 2) };
 
-/** The transport writes a message in chunks of this size (lib/connection.ts WRITE_CHUNK). */
+/** The transport writes a message in chunks of this size (lib/smtp/connection.ts WRITE_CHUNK). */
 const WRITE_CHUNK = 64 * KiB;
 
 /**
@@ -124,7 +124,7 @@ function messageBytes(size: number, header: string, options: { eightBit: boolean
 
 /**
  * True when SMTP would carry the bytes unchanged: CRLF line ends only, ending in CRLF, no line
- * that starts with a dot (lib/message-bytes.ts toWireForm then has nothing to change).
+ * that starts with a dot (lib/message/bytes.ts toWireForm then has nothing to change).
  */
 function wireReady(bytes: Buffer): boolean {
   const text = bytes.toString('latin1');
@@ -611,7 +611,7 @@ describe.each(ENGINES)("SIZE (RFC 1870), %s: a message over the server's announc
   // has dot-led lines, so a count of its stuffed wire form would exceed the limit and refuse a
   // message the server takes (smtp-server counts the unstuffed bytes, as the RFC does).
   // LIB DEFECT at 1d38edb (fails there; keep it): since 18f1dbb CountingConnection.send()
-  // (connection.ts) passes `message.length`, the length of the dot-stuffed wire form, to
+  // (smtp/connection.ts) passes `message.length`, the length of the dot-stuffed wire form, to
   // refuseLocally instead of `envelope.size`, the RFC 1870 count it announces as SIZE=: this
   // 20 000-byte message is refused locally, "552 5.3.4 message of 20005 bytes is larger than the
   // server's limit of 20000 bytes (SIZE); not sent", although SIZE=20000 would be accepted.

@@ -1,5 +1,5 @@
 /**
- * Opportunistic TLS (RFC 7435) and the `tls` levels: the decision table of lib/tls-policy.ts, then
+ * Opportunistic TLS (RFC 7435) and the `tls` levels: the decision table of lib/routing/tls-policy.ts, then
  * delivery to loopback servers with the self-signed test certificate (test/fixtures) offering
  * STARTTLS, asserted on what each server saw: TLS sessions, failed handshakes, stored messages.
  * MX hosts are found through a loopback DNS zone (`dnsServers`, `port`).
@@ -9,7 +9,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { SMTPServer, type SMTPServerOptions } from 'smtp-server';
 import type { BindingPoolOptions, BindingPoolSendError } from '../lib';
-import { inPlainText, isTlsFailure, tlsPlan, withPlainTextRetry, type TlsPlan, type TlsPlanInput } from '../lib/tls-policy';
+import { inPlainText, isTlsFailure, tlsPlan, withPlainTextRetry, type TlsPlan, type TlsPlanInput } from '../lib/routing/tls-policy';
 import { DnsServer } from './support/dns-server';
 import { FaultServer } from './support/fault-server';
 import { closedAfterEach, rejection } from './support/harness';

@@ -1,11 +1,18 @@
 /**
- * decideVerdicts (lib/verdicts.ts) walked through a table: one row per way an SMTP or LMTP
+ * decideVerdicts (lib/smtp/verdicts.ts) walked through a table: one row per way an SMTP or LMTP
  * transaction can end, with the verdict every recipient must get (and the reply code, where the
- * server gave one). The facts are written as connection.ts builds them from Nodemailer's
+ * server gave one). The facts are written as smtp/connection.ts builds them from Nodemailer's
  * SMTPConnection: RCPT replies, the final reply or per-recipient LMTP replies, the failure
  * (failureOf) and how far the message got (MessageHandover.progress).
  */
-import { decideVerdicts, type MessageProgress, type RecipientVerdict, type ServerReply, type TransactionFacts, type TransactionFailure } from '../lib/verdicts';
+import {
+  decideVerdicts,
+  type MessageProgress,
+  type RecipientVerdict,
+  type ServerReply,
+  type TransactionFacts,
+  type TransactionFailure,
+} from '../lib/smtp/verdicts';
 
 const TEXT: Record<number, string> = {
   250: '2.0.0 Ok: queued',
@@ -58,7 +65,7 @@ function facts(over: Partial<TransactionFacts> & { rcpts?: readonly string[] } =
   };
 }
 const lmtp = (over: Partial<TransactionFacts> & { rcpts?: readonly string[] } = {}): TransactionFacts => facts({ lmtp: true, ...over });
-/** LMTP: the RCPT-accepted recipients plus those answered after the dot (connection.ts adds them back). */
+/** LMTP: the RCPT-accepted recipients plus those answered after the dot (smtp/connection.ts adds them back). */
 const lmtpAnswered = (codes: Record<string, number>) => ({ lmtpReplies: replies(codes) });
 
 const SIZE = '552 5.3.4 message of 9000 bytes is larger than the server limit of 1000 bytes (SIZE); not sent';
@@ -291,7 +298,7 @@ describe('decideVerdicts: one verdict per recipient', () => {
 });
 
 /*
- * Found by review and fixed in lib/verdicts.ts: with LMTP, a per-recipient reply proves the
+ * Found by review and fixed in lib/smtp/verdicts.ts: with LMTP, a per-recipient reply proves the
  * server read the final dot, so a reset after k of n replies leaves the rest unknown, not retry.
  * End-to-end: test/outcomes.test.ts, "LMTP: reset after 2 of 4 replies".
  */

@@ -1,13 +1,13 @@
 /**
- * The wire form (lib/message-bytes.ts): each message is dot-stuffed and given CRLF line ends once,
+ * The wire form (lib/message/bytes.ts): each message is dot-stuffed and given CRLF line ends once,
  * where it is built, from the chunks it was read in, and then written to the socket without the
- * DataStream's scan (lib/smtp-internals.ts). Checked against SMTPConnection's DataStream itself
+ * DataStream's scan (lib/smtp/internals.ts). Checked against SMTPConnection's DataStream itself
  * on random messages made of the bytes that matter (CR, LF, dot) and ordinary ones, cut into
  * chunks at random places.
  */
 import fc from 'fast-check';
 import DataStream from 'nodemailer/lib/smtp-connection/data-stream';
-import { toWireForm } from '../lib/message-bytes';
+import { toWireForm } from '../lib/message/bytes';
 
 /** What SMTPConnection's DataStream puts on the wire for these bytes, final dot included. */
 function dataStreamOutput(bytes: Buffer): Promise<Buffer> {

@@ -1,6 +1,6 @@
-/** The messages between the application's thread and the delivery thread (engine-thread.ts). */
-import type { DomainResult } from './delivery';
-import type { EngineStats, MessageJob } from './engine';
+/** The messages between the application's thread and the delivery thread (engine/thread.ts). */
+import type { DomainResult } from '../delivery/deliver';
+import type { EngineStats, MessageJob } from './local';
 
 /** How often, at most, the delivery thread reports stats while it is busy. */
 export const STATS_INTERVAL_MS = 100;

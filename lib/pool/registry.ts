@@ -9,8 +9,8 @@
  *   oldest waiting send.
  * - A dial starts only for a send that no idle connection or dial under way will serve, within
  *   the pool's cap (connections still closing count), and when the DialGate allows it (connect
- *   backoff, throttle pause, probation after a 421: see dial-gate.ts). A dial also needs a slot
- *   on its host, shared with other pools (host-slots.ts).
+ *   backoff, throttle pause, probation after a 421: see pool/dial-gate.ts). A dial also needs a slot
+ *   on its host, shared with other pools (pool/host-slots.ts).
  * - A failed dial fails no send that an open connection can serve. Only when nothing is open or
  *   dialling do the waiting sends fail, at once (ECONNECT), as does a send during the backoff.
  * - A throttle pause holds every send; a send whose wait would outlast `acquireTimeout` goes
@@ -22,12 +22,12 @@
  *   produced nothing resolves to a NoConnection entry, dropped when generic-pool hands it out.
  */
 import { createPool, type Pool } from 'generic-pool';
-import { BindingPoolError, describeError } from './errors';
-import { describeTarget, type CountingConnection, type RetireReason } from './connection';
+import { BindingPoolError, describeError } from '../errors';
+import { describeTarget, type CountingConnection, type RetireReason } from '../smtp/connection';
 import { DialGate } from './dial-gate';
 import { offerIdle, SlotCancelled, takenOver, type SlotOwner } from './host-slots';
-import type { ResolvedOptions } from './options';
-import { poolLog } from './log';
+import type { ResolvedOptions } from '../policy/options';
+import { poolLog } from '../log';
 
 export interface PoolSettings {
   maxConnections: number;

@@ -2,25 +2,25 @@
  * The delivery engine: everything below the Nodemailer glue. It takes a built message with its
  * recipients grouped by domain, picks each domain's binding, routes it (static route or MX), and
  * delivers it over the pool for the (binding, domain) pair. It runs in the transport's thread, or
- * in a worker thread behind engine-thread.ts: its jobs and results are plain data for that reason.
+ * in a worker thread behind engine/thread.ts: its jobs and results are plain data for that reason.
  */
 import { EventEmitter } from 'node:events';
-import { ScopeResolver, type Binding, type SenderName } from './config';
-import type { TransactionEnvelope } from './connection';
-import { deliverToDomain, emptyDomainResult, type DomainResult } from './delivery';
-import { BindingPoolError, describeError } from './errors';
-import { HostSlots, type HostStats } from './host-slots';
-import { MxResolver } from './mx-resolver';
-import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from './options';
-import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from './pool-registry';
-import type { Recipient } from './recipients';
-import { Router } from './routing';
+import { ScopeResolver, type Binding, type SenderName } from '../policy/scopes';
+import type { TransactionEnvelope } from '../smtp/connection';
+import { deliverToDomain, emptyDomainResult, type DomainResult } from '../delivery/deliver';
+import { BindingPoolError, describeError } from '../errors';
+import { HostSlots, type HostStats } from '../pool/host-slots';
+import { MxResolver } from '../routing/mx-resolver';
+import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from '../policy/options';
+import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from '../pool/registry';
+import type { Recipient } from '../message/recipients';
+import { Router } from '../routing/router';
 
 /** One message for the engine: what the transport hands over per sendMail. */
 export interface MessageJob {
   sender: SenderName;
   envelope: TransactionEnvelope;
-  /** The message in wire form (message-bytes.ts toWireForm): dot-stuffed, CRLF line ends. */
+  /** The message in wire form (message/bytes.ts toWireForm): dot-stuffed, CRLF line ends. */
   message: Buffer;
   /** Recipients by destination domain (already checked and de-duplicated). */
   domains: [domain: string, recipients: Recipient[]][];

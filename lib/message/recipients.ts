@@ -3,7 +3,7 @@
  * compared case-insensitively, internationalised ones in their ASCII (punycode) form.
  */
 import { domainToASCII } from 'node:url';
-import { BindingPoolError } from './errors';
+import { BindingPoolError } from '../errors';
 
 /** RFC 5321 4.5.3.1: 64 octets of local part, 255 of domain, 256 of path (with the brackets). */
 const MAX_LOCAL_PART = 64;

@@ -1,6 +1,6 @@
 /**
  * The option types users write, and the table of scoped options that drives validation, defaults
- * and the README's reference. Scope resolution itself lives in config.ts.
+ * and the README's reference. Scope resolution itself lives in policy/scopes.ts.
  */
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import type { SendMailOptions } from 'nodemailer';
@@ -76,7 +76,7 @@ export interface ScopedOptions {
   port?: number;
   /**
    * STARTTLS and certificate policy (Momentum `tls` / `tls_verify`, Postfix `smtp_tls_security_level`;
-   * the table is in tls-policy.ts and the README). `no` never uses STARTTLS (Postfix `none`).
+   * the table is in routing/tls-policy.ts and the README). `no` never uses STARTTLS (Postfix `none`).
    * `ifavailable` (Postfix `may`, RFC 7435) uses it when offered; for MX hosts without requiring
    * a valid certificate, and when the server answers STARTTLS with an error or the handshake
    * fails, the message goes on in plain text (on a new connection to the same host when the
@@ -217,7 +217,7 @@ export const DNS_OPTIONS = {
   dnsCacheSize: { min: 1, default: 10_000 },
 } as const;
 
-/** Only global: the read-ahead budget every send shares (read-ahead.ts). */
+/** Only global: the read-ahead budget every send shares (message/read-ahead.ts). */
 export const READ_AHEAD_OPTIONS = {
   maxReadAheadBytes: { min: 1, default: 256 * 1024 * 1024 },
 } as const;

@@ -4,8 +4,8 @@
  * send to the domain it concerns.
  */
 import { isIP } from 'node:net';
-import { ConfigError } from './errors';
-import { normalizeDomain } from './recipients';
+import { ConfigError } from '../errors';
+import { normalizeDomain } from '../message/recipients';
 import {
   DNS_OPTIONS,
   READ_AHEAD_OPTIONS,

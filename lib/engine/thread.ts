@@ -12,12 +12,12 @@ import { EventEmitter } from 'node:events';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
-import type { DomainResult } from './delivery';
-import type { Engine, EngineStats, MessageJob } from './engine';
-import type { FromWorker, ToWorker } from './engine-protocol';
-import { BindingPoolError, ConfigError } from './errors';
-import type { BindingPoolOptions } from './options';
-import { transportLog } from './log';
+import type { DomainResult } from '../delivery/deliver';
+import type { Engine, EngineStats, MessageJob } from './local';
+import type { FromWorker, ToWorker } from './protocol';
+import { BindingPoolError, ConfigError } from '../errors';
+import type { BindingPoolOptions } from '../policy/options';
+import { transportLog } from '../log';
 
 interface Waiter {
   resolve(value: unknown): void;
@@ -208,9 +208,9 @@ function crossing(batch: { id: number; job: MessageJob }[], total: number): ToWo
  * a test runner), the one the build wrote to dist/.
  */
 function workerScript(): string {
-  const beside = join(__dirname, 'engine-worker.js');
+  const beside = join(__dirname, 'worker.js');
   if (existsSync(beside)) return beside;
-  const built = join(__dirname, '..', 'dist', 'cjs', 'engine-worker.js');
+  const built = join(__dirname, '..', '..', 'dist', 'cjs', 'engine', 'worker.js');
   if (__filename.endsWith('.ts') && existsSync(built)) return built;
   throw new ConfigError('deliveryThread', `the delivery thread's script ${beside} is missing (from a source checkout, run npm run build first)`);
 }

@@ -5,7 +5,7 @@
  *   binding's domain stanza → binding group's domain stanza → binding → binding group
  *   → global domain stanza → global value → built-in default
  */
-import { BindingPoolError } from './errors';
+import { BindingPoolError } from '../errors';
 import {
   SCOPED_OPTIONS,
   SCOPED_OPTION_NAMES,
@@ -15,7 +15,7 @@ import {
   type RouteOptions,
   type ScopedOptions,
 } from './options';
-import { BUILT_IN_BINDING, checkOptions, childPath, suggestion, type CheckedOptions } from './validate-options';
+import { BUILT_IN_BINDING, checkOptions, childPath, suggestion, type CheckedOptions } from './validate';
 import type { SendMailOptions } from 'nodemailer';
 
 /** A binding as connections use it. */

@@ -1,7 +1,7 @@
 /**
- * TLS per destination: what a `tls` level (options.ts `TlsPolicy`) asks of a connection, for an
+ * TLS per destination: what a `tls` level (policy/options.ts `TlsPolicy`) asks of a connection, for an
  * MX host or for a route, and which failures send a connection to the same host again in plain
- * text. routing.ts builds each hop from `tlsPlan` and opens it through `withPlainTextRetry`.
+ * text. routing/router.ts builds each hop from `tlsPlan` and opens it through `withPlainTextRetry`.
  *
  * MX hosts follow opportunistic security (RFC 7435) and Postfix's `smtp_tls_security_level`:
  *
@@ -20,10 +20,10 @@
  * No I/O of its own: `withPlainTextRetry` is handed the function that opens a connection.
  */
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
-import { describeTarget, type ConnectionTarget } from './connection';
-import { describeError } from './errors';
-import { connectionLog } from './log';
-import type { TlsPolicy } from './options';
+import { describeTarget, type ConnectionTarget } from '../smtp/connection';
+import { describeError } from '../errors';
+import { connectionLog } from '../log';
+import type { TlsPolicy } from '../policy/options';
 
 /** Where a connection goes: a domain's MX host, or the static route the scope names. */
 export type TlsDestination = 'mx' | 'route';

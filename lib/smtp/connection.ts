@@ -4,25 +4,15 @@
  * It counts successful deliveries (recipients accepted at RCPT in a transaction whose DATA was
  * accepted; with LMTP, recipients whose own DATA reply was 2xx) and attempted RCPT TO commands,
  * hands out no more room than the limits leave, and turns every transaction into one verdict per
- * recipient (the rule itself is verdicts.ts). It knows nothing of pools, domains or retries: the caller decides what a verdict
+ * recipient (the rule itself is smtp/verdicts.ts). It knows nothing of pools, domains or retries: the caller decides what a verdict
  * means for the work left.
  */
 import type { Readable } from 'node:stream';
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
-import { connectionLog } from './log';
-import type { RouteAuth } from './options';
-import {
-  MessageHandover,
-  offers,
-  peerOpen,
-  rcptsSent,
-  recordLmtpReplies,
-  serverSizeLimit,
-  socketOf,
-  type EnvelopeRecord,
-  type LmtpReply,
-} from './smtp-internals';
+import { connectionLog } from '../log';
+import type { RouteAuth } from '../policy/options';
+import { MessageHandover, offers, peerOpen, rcptsSent, recordLmtpReplies, serverSizeLimit, socketOf, type EnvelopeRecord, type LmtpReply } from './internals';
 import { decideVerdicts, type MessageProgress, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
 
 export type { RecipientReply, RecipientVerdict } from './verdicts';

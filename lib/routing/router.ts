@@ -7,14 +7,14 @@
 import { createHash } from 'node:crypto';
 import { isIP } from 'node:net';
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
-import { describeError } from './errors';
-import { CountingConnection, type ConnectionTarget } from './connection';
-import type { Binding } from './config';
+import { describeError } from '../errors';
+import { CountingConnection, type ConnectionTarget } from '../smtp/connection';
+import type { Binding } from '../policy/scopes';
 import type { MxAnswer, MxResolver } from './mx-resolver';
-import type { ResolvedOptions } from './options';
-import type { Connector } from './pool-registry';
+import type { ResolvedOptions } from '../policy/options';
+import type { Connector } from '../pool/registry';
 import { tlsPlan, withPlainTextRetry, type TlsPlan } from './tls-policy';
-import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots } from './host-slots';
+import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots } from '../pool/host-slots';
 
 /** Everything a connection needs that depends on the host it goes to. */
 type Hop = Pick<
@@ -85,7 +85,7 @@ export class Router {
           return adopted;
         }
         try {
-          // tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
+          // routing/tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
           const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => CountingConnection.open(label, t, limits));
           host.record('connected', 0, backoff);
           host.attach(slot, connection, request.owner, reuseKey);

@@ -16,8 +16,8 @@
  * Slots count dials in progress and connections until their socket is gone (a QUITting
  * connection still counts, as the receiver still counts it).
  */
-import type { ConnectionLimits, CountingConnection } from './connection';
-import { poolLog } from './log';
+import type { ConnectionLimits, CountingConnection } from '../smtp/connection';
+import { poolLog } from '../log';
 
 /** Time without a refusal after which a host's learned limit grows by one connection. */
 export const REGROWTH_MS = 30_000;

@@ -14,8 +14,8 @@
  * refusal) is asked again up to `dnsRetries` times before the lookup fails.
  */
 import { promises as dns } from 'node:dns';
-import { describeError } from './errors';
-import { deliveryLog } from './log';
+import { describeError } from '../errors';
+import { deliveryLog } from '../log';
 
 export interface MxAddress {
   address: string;

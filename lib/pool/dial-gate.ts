@@ -15,8 +15,8 @@
  *   them delivers: a receiver that has started refusing is not met with a burst of dials.
  *   A probe that delivers ends probation and lowers the pause level by one.
  */
-import type { CountingConnection } from './connection';
-import { describeError } from './errors';
+import type { CountingConnection } from '../smtp/connection';
+import { describeError } from '../errors';
 import { DialFailure } from './host-slots';
 
 export interface DialGateSettings {

@@ -105,7 +105,7 @@ export interface WireForm {
  * The message as it goes on the wire after DATA, without the final dot: what Nodemailer's
  * DataStream would write (bare CR and bare LF become CRLF, a dot that starts a line is doubled),
  * ending in CRLF. Made once per message, where it is built, so that every domain and retry sends
- * it without the DataStream's byte-by-byte scan (smtp-internals.ts MessageHandover). Takes the
+ * it without the DataStream's byte-by-byte scan (smtp/internals.ts MessageHandover). Takes the
  * message as the chunks it was read in and copies them once; a single chunk that needs no change
  * comes back as it is. Only line ends are visited (Buffer#indexOf), not every byte.
  */

@@ -106,7 +106,7 @@ const FLUSH_VERDICT_MS = 1_000;
  * (back-pressure end to end), and `progress()` tells how far they got: a write queued behind the
  * final dot completes only once the dot has left the process.
  *
- * The bytes are the message's wire form (message-bytes.ts toWireForm: dot-stuffed, CRLF line
+ * The bytes are the message's wire form (message/bytes.ts toWireForm: dot-stuffed, CRLF line
  * ends), made once per message. They skip the DataStream's byte-by-byte scan, which costs about
  * 2 ns a byte, more than anything else per message for real-sized mail: they go to the socket
  * directly, all but their final CRLF, which goes through the DataStream so that it adds the

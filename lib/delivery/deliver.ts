@@ -4,12 +4,12 @@
  * the connection broke under, goes on over another pooled connection, a bounded number of times.
  * Every recipient ends with exactly one outcome; one the server may have taken is never resent.
  */
-import { describeError, type BindingPoolError } from './errors';
-import { describeTarget, type TransactionEnvelope } from './connection';
-import type { DestinationPool } from './pool-registry';
-import type { Recipient } from './recipients';
-import type { RecipientReply } from './verdicts';
-import { deliveryLog } from './log';
+import { describeError, type BindingPoolError } from '../errors';
+import { describeTarget, type TransactionEnvelope } from '../smtp/connection';
+import type { DestinationPool } from '../pool/registry';
+import type { Recipient } from '../message/recipients';
+import type { RecipientReply } from '../smtp/verdicts';
+import { deliveryLog } from '../log';
 
 export type RecipientStatus = 'accepted' | 'rejected' | 'pending';
 
@@ -77,7 +77,7 @@ const CLOSING = 421;
  * two exceptions that are the server pacing, not failing: a 452 in a transaction that settled
  * others (without progress it costs one, so a server that takes nobody ends), and a 421, which
  * closes the connection without the message: its per-connection limit, or a throttle the pool
- * waits out (dial-gate.ts). 421s are free for acquireTimeout from the recipient's first one.
+ * waits out (pool/dial-gate.ts). 421s are free for acquireTimeout from the recipient's first one.
  */
 function goesAgain(item: QueuedRecipient, reply: RecipientReply, progressed: boolean, now: number, job: DomainDelivery): boolean {
   const tooMany = reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS;

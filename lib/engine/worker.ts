@@ -1,13 +1,13 @@
 /**
- * Entry point of the delivery thread (see engine-thread.ts): a LocalEngine fed with jobs from the
+ * Entry point of the delivery thread (see engine/thread.ts): a LocalEngine fed with jobs from the
  * application's thread, answering with results and stats, batched per event-loop turn.
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import type { DomainResult } from './delivery';
-import { LocalEngine } from './engine';
-import { STATS_INTERVAL_MS, type FromWorker, type ToWorker } from './engine-protocol';
-import { BindingPoolError, describeError } from './errors';
-import type { BindingPoolOptions } from './options';
+import type { DomainResult } from '../delivery/deliver';
+import { LocalEngine } from './local';
+import { STATS_INTERVAL_MS, type FromWorker, type ToWorker } from './protocol';
+import { BindingPoolError, describeError } from '../errors';
+import type { BindingPoolOptions } from '../policy/options';
 
 type Result = Extract<FromWorker, { type: 'results' }>['results'][number];
 

@@ -316,6 +316,7 @@ const WHY: Record<RetireReason, string> = {
   error: 'connection error',
   idle: 'idle',
   evicted: 'closed idle to free a host slot',
+  shaped: 'a reply rule lowered maxOutboundConnections',
   shutdown: 'transporter closed',
 };
 

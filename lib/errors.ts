@@ -18,6 +18,10 @@ export type BindingPoolErrorCode =
   | 'ECONNECT'
   /** The destination is throttling the binding (a 421 greeting, or a 421 at a new connection's first transaction): its sends are paused. */
   | 'ETHROTTLED'
+  /** A reply rule suspended the (binding, domain) pair: it sends nothing until `retryAfter`. */
+  | 'ESUSPENDED'
+  /** A `maxMessageRate` has no room for the send before its `acquireTimeout` ends. */
+  | 'ERATE'
   /** Every recipient was rejected permanently. */
   | 'EREJECTED'
   /** No recipient was accepted and at least one is pending. */

@@ -4,6 +4,10 @@ export type { ConnectionUse, DomainResult, RecipientOutcome, RecipientStatus } f
 export type { ConnectionSummary, DroppedPoolTotals, PoolStats } from './pool/registry';
 export type { RetireReason } from './smtp/connection';
 export { BindingPoolError, ConfigError } from './errors';
+export { DEFAULT_REPLY_RULES } from './shaping/reply-rules';
+export type { ReplyRule, ReplyRuleSettings } from './shaping/reply-rules';
+export type { WarmupPlan, WarmupStep } from './shaping/warmup';
+export type { RateStats, ShapingStats, SuspensionEvent } from './policy/pair-policy';
 export type { BindingPoolErrorCode } from './errors';
 export type {
   BindingPoolOptions,

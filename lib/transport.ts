@@ -15,6 +15,7 @@ import { transportLog } from './log';
 import { rawBytes, rawMessageId, readMessage, toWireForm } from './message/bytes';
 import { READ_AHEAD_OPTIONS, READ_AHEAD_PER_CONNECTION, SCOPED_OPTIONS, type BindingChoice, type BindingPoolOptions } from './policy/options';
 import type { ConnectionSummary } from './pool/registry';
+import type { SuspensionEvent } from './policy/pair-policy';
 import { ReadAheadBudget, type ReadAheadKey } from './message/read-ahead';
 import { assertCleanAddressFields, assertNoInjection, groupByDomain, type Recipient } from './message/recipients';
 import type { SenderName } from './policy/scopes';
@@ -83,6 +84,8 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     this.readAheadPerConnection = options.deliveryThread ? READ_AHEAD_PER_CONNECTION.thread : READ_AHEAD_PER_CONNECTION.local;
     this.engine = options.deliveryThread ? new ThreadEngine(options) : new LocalEngine(options);
     this.engine.on('connectionClosed', (summary: ConnectionSummary) => this.emit('connectionClosed', summary));
+    // A reply rule suspended a (binding, domain) pair, or its suspension ended (SuspensionEvent).
+    for (const name of ['suspended', 'resumed'] as const) this.engine.on(name, (event: SuspensionEvent) => this.emit(name, event));
   }
 
   /** Nodemailer's entry point. */

@@ -9,6 +9,7 @@ import { describeTarget, type TransactionEnvelope } from '../smtp/connection';
 import type { DestinationPool } from '../pool/registry';
 import type { Recipient } from '../message/recipients';
 import type { RecipientReply } from '../smtp/verdicts';
+import type { ResolvedOptions } from '../policy/options';
 import { deliveryLog } from '../log';
 
 export type RecipientStatus = 'accepted' | 'rejected' | 'pending';
@@ -51,12 +52,6 @@ export interface DomainDelivery {
   envelope: TransactionEnvelope;
   message: Buffer;
   recipients: readonly Recipient[];
-  maxAttempts: number;
-  /** How long 421s may keep sending a recipient on (see goesAgain). */
-  acquireTimeout: number;
-  /** Recipients per transaction at most, to decide how many connections to use at once. */
-  maxRecipientsPerTransaction: number;
-  maxConnections: number;
 }
 
 interface QueuedRecipient {
@@ -79,15 +74,15 @@ const CLOSING = 421;
  * closes the connection without the message: its per-connection limit, or a throttle the pool
  * waits out (pool/dial-gate.ts). 421s are free for acquireTimeout from the recipient's first one.
  */
-function goesAgain(item: QueuedRecipient, reply: RecipientReply, progressed: boolean, now: number, job: DomainDelivery): boolean {
+function goesAgain(item: QueuedRecipient, reply: RecipientReply, progressed: boolean, now: number, options: ResolvedOptions): boolean {
   const tooMany = reply.verdict === 'deferred' && reply.responseCode === TOO_MANY_RECIPIENTS;
   if (reply.verdict !== 'retry' && !tooMany) return false;
   if (reply.responseCode === CLOSING) {
     item.firstClosedAt ??= now;
-    if (now - item.firstClosedAt < job.acquireTimeout) return true;
+    if (now - item.firstClosedAt < options.acquireTimeout) return true;
   }
-  if (tooMany && progressed) return item.attempts < job.maxAttempts;
-  return ++item.attempts < job.maxAttempts;
+  if (tooMany && progressed) return item.attempts < options.maxAttempts;
+  return ++item.attempts < options.maxAttempts;
 }
 
 export function emptyDomainResult(domain: string, binding: string): DomainResult {
@@ -107,19 +102,24 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
     result[status].push(outcome);
   };
 
+  const { policy } = job.pool;
+  const wants = (): number => queue.length;
   // Each worker holds one connection at a time; a large recipient list spreads over several.
   const worker = async (): Promise<void> => {
     while (queue.length > 0) {
-      let connection;
+      let grant;
       try {
-        connection = await job.pool.acquire();
+        grant = await job.pool.acquire(wants);
       } catch (err) {
         // The destination cannot be reached now: what is left is pending with that reason.
         const retryAfter = (err as BindingPoolError).retryAfter;
         for (const item of queue.splice(0)) settle(item, 'pending', describeError(err), undefined, undefined, retryAfter);
         return;
       }
-      const batch = queue.splice(0, connection.capacity());
+      // As many as the pool granted (the rates' room; at most the connection's capacity).
+      const { connection } = grant;
+      const batch = queue.splice(0, grant.recipients);
+      job.pool.refund(grant.recipients - batch.length);
       if (batch.length === 0) {
         job.pool.release(connection);
         continue;
@@ -132,21 +132,21 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         batch.map((item) => item.recipient.rcpt),
         job.message,
       );
+      job.pool.settle(batch.length, connection);
       job.pool.release(connection);
       const again: QueuedRecipient[] = [];
       const progressed = replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
       const now = Date.now();
+      // A pending recipient is told when the pair could send again, when the transaction's replies
+      // made that known (a rule suspended the pair, the receiver throttles it).
+      const reopensAt = job.pool.reopensAt(now);
       replies.forEach((reply, i) => {
         const item = batch[i];
-        if (goesAgain(item, reply, progressed, now, job)) again.push(item);
-        else
-          settle(
-            item,
-            reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending',
-            reply.response,
-            reply.responseCode,
-            host,
-          );
+        if (goesAgain(item, reply, progressed, now, policy.options)) again.push(item);
+        else {
+          const status = reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending';
+          settle(item, status, reply.response, reply.responseCode, host, status === 'pending' && reopensAt !== undefined ? new Date(reopensAt) : undefined);
+        }
       });
       if (again.length > 0) {
         if (deliveryLog.enabled)
@@ -161,8 +161,8 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
     }
   };
 
-  const perTransaction = Math.max(1, job.maxRecipientsPerTransaction);
-  const workers = Math.min(job.maxConnections, Math.ceil(queue.length / perTransaction));
+  const perTransaction = Math.max(1, policy.limits.maxRecipientsPerTransaction);
+  const workers = Math.min(policy.maxOutboundConnections, Math.ceil(queue.length / perTransaction));
   if (workers <= 1) await worker();
   else await Promise.all(Array.from({ length: workers }, worker));
   result.hosts = [...hosts];

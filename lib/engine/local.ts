@@ -15,6 +15,7 @@ import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from '../p
 import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from '../pool/registry';
 import type { Recipient } from '../message/recipients';
 import { Router } from '../routing/router';
+import { PolicyRegistry, type RateStats, type ShapingStats } from '../policy/pair-policy';
 
 /** One message for the engine: what the transport hands over per sendMail. */
 export interface MessageJob {
@@ -33,11 +34,15 @@ export interface EngineStats {
   droppedPools: DroppedPoolTotals;
   /** Server addresses with connections from a binding, a learned limit or a backoff. */
   hosts: HostStats[];
+  /** Every rate bucket: one per scope a maxMessageRate, warmup or maxConnectionRate is declared in, with its fill and the warm-up step in force. */
+  rates: RateStats[];
+  /** Pairs with something in force: a suspension, a rule's stricter options, a learned per-connection limit. */
+  shaping: ShapingStats[];
   /** DNS queries sent for MX delivery (each try counts), and domains and MX host names in the cache. */
   dns: { queries: number; cachedDomains: number; cachedHosts: number };
 }
 
-/** What the transport needs of an engine, in this thread or another. Emits 'connectionClosed'. */
+/** What the transport needs of an engine, in this thread or another. Emits 'connectionClosed', 'suspended' and 'resumed'. */
 export interface Engine extends EventEmitter {
   deliver(job: MessageJob): Promise<DomainResult[]>;
   stats(): EngineStats;
@@ -58,6 +63,7 @@ export class LocalEngine extends EventEmitter implements Engine {
   private readonly mx: MxResolver;
   private readonly router: Router;
   private readonly hosts = new HostSlots();
+  private readonly policies: PolicyRegistry;
 
   constructor(options: BindingPoolOptions) {
     super();
@@ -72,23 +78,15 @@ export class LocalEngine extends EventEmitter implements Engine {
       maxEntries: checked.dnsCacheSize ?? DNS_OPTIONS.dnsCacheSize.default,
     });
     this.router = new Router(this.mx, this.hosts);
+    this.policies = new PolicyRegistry(this.scopes, (name, event) => this.emit(name, event));
     this.registry = new PoolRegistry(
       (bindingName, domain) => {
         const binding = this.scopes.binding(bindingName)!;
-        const resolved = this.scopes.resolve(binding, domain);
-        return {
-          options: resolved,
-          settings: {
-            maxConnections: resolved.maxOutboundConnections,
-            acquireTimeout: resolved.acquireTimeout,
-            idleTimeout: resolved.idleTimeout,
-            connectBackoff: resolved.connectBackoff,
-            maxConnectBackoff: resolved.maxConnectBackoff,
-          },
-          connect: this.router.connectorFor(binding, domain, resolved),
-        };
+        const policy = this.policies.get(binding, domain);
+        return { policy, connect: this.router.connectorFor(binding, domain, policy.options, policy.limits) };
       },
       (summary: ConnectionSummary) => this.emit('connectionClosed', summary),
+      (pool) => this.policies.release(pool.binding, pool.domain),
     );
   }
 
@@ -102,9 +100,12 @@ export class LocalEngine extends EventEmitter implements Engine {
   }
 
   stats(): EngineStats {
+    const now = Date.now();
     return {
       ...this.registry.stats(),
       hosts: this.hosts.stats(),
+      rates: this.policies.rateStats(now),
+      shaping: this.policies.shapingStats(now),
       dns: { queries: this.mx.queries, cachedDomains: this.mx.cachedDomains, cachedHosts: this.mx.cachedHosts },
     };
   }
@@ -115,8 +116,9 @@ export class LocalEngine extends EventEmitter implements Engine {
       const binding = this.scopes.binding(bindingName)!;
       // The options of the scope the route was set in: a domain stanza's (its tls, say), or none.
       const options: ResolvedOptions = { ...this.scopes.resolve(binding, domain), route };
+      const limits = { maxDeliveries: 0, maxRecipients: 0, maxRecipientsPerTransaction: options.maxRecipientsPerTransaction };
       try {
-        const connection = await this.router.connectorFor(binding, domain ?? route.host, options)(VERIFY_DIAL);
+        const connection = await this.router.connectorFor(binding, domain ?? route.host, options, limits)(VERIFY_DIAL);
         await connection.close('shutdown');
       } catch (err) {
         throw new BindingPoolError(
@@ -129,8 +131,9 @@ export class LocalEngine extends EventEmitter implements Engine {
     return true;
   }
 
-  close(): Promise<void> {
-    return this.registry.close();
+  async close(): Promise<void> {
+    await this.registry.close();
+    this.policies.close();
   }
 
   private async deliverDomain(
@@ -142,7 +145,7 @@ export class LocalEngine extends EventEmitter implements Engine {
   ): Promise<DomainResult> {
     // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
     const pool = this.registry.get(binding.name, domain);
-    const options = pool.options;
+    const { options } = pool.policy;
     // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it.
     pool.enter();
     try {
@@ -156,18 +159,7 @@ export class LocalEngine extends EventEmitter implements Engine {
           return result;
         }
       }
-      return await deliverToDomain({
-        domain,
-        binding: binding.name,
-        pool,
-        envelope,
-        message,
-        recipients,
-        maxAttempts: options.maxAttempts,
-        acquireTimeout: options.acquireTimeout,
-        maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
-        maxConnections: options.maxOutboundConnections,
-      });
+      return await deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients });
     } finally {
       pool.leave();
     }

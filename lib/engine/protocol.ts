@@ -15,4 +15,6 @@ export type ToWorker =
 /** What comes back. */
 export type FromWorker =
   | { type: 'results'; results: { id: number; domains?: DomainResult[]; error?: { message: string; code?: string } }[]; stats?: EngineStats }
-  | { type: 'connectionClosed'; summary: unknown };
+  | { type: 'connectionClosed'; summary: unknown }
+  /** A pair suspended by a reply rule, or resumed (pair-policy.ts SuspensionEvent). */
+  | { type: 'event'; name: 'suspended' | 'resumed'; event: unknown; stats: EngineStats };

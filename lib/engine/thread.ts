@@ -17,6 +17,7 @@ import type { Engine, EngineStats, MessageJob } from './local';
 import type { FromWorker, ToWorker } from './protocol';
 import { BindingPoolError, ConfigError } from '../errors';
 import type { BindingPoolOptions } from '../policy/options';
+import type { SuspensionEvent } from '../policy/pair-policy';
 import { transportLog } from '../log';
 
 interface Waiter {
@@ -29,6 +30,8 @@ interface Waiter {
 const EMPTY_STATS: EngineStats = {
   pools: [],
   hosts: [],
+  rates: [],
+  shaping: [],
   droppedPools: { pools: 0, opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 },
   dns: { queries: 0, cachedDomains: 0, cachedHosts: 0 },
 };
@@ -139,6 +142,13 @@ export class ThreadEngine extends EventEmitter implements Engine {
   private receive(message: FromWorker): void {
     if (message.type === 'connectionClosed') {
       this.emit('connectionClosed', message.summary);
+      return;
+    }
+    if (message.type === 'event') {
+      this.lastStats = message.stats;
+      // A Date made by this thread (a cloned one comes from the structured-clone realm).
+      const event = message.event as SuspensionEvent;
+      this.emit(message.name, { ...event, until: new Date(event.until.getTime()) });
       return;
     }
     if (message.stats) this.lastStats = message.stats;

@@ -18,6 +18,10 @@ let flushScheduled = false;
 let lastStatsAt = 0;
 
 engine.on('connectionClosed', (summary) => port.postMessage({ type: 'connectionClosed', summary } satisfies FromWorker));
+// With the stats of that moment, so that stats() in the application's thread shows the suspension.
+for (const name of ['suspended', 'resumed'] as const) {
+  engine.on(name, (event) => port.postMessage({ type: 'event', name, event, stats: engine.stats() } satisfies FromWorker));
+}
 
 function settle(result: Result, final = false): void {
   results.push(result);

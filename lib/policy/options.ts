@@ -4,6 +4,8 @@
  */
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import type { SendMailOptions } from 'nodemailer';
+import type { ReplyRule } from '../shaping/reply-rules';
+import type { WarmupPlan } from '../shaping/warmup';
 
 /** Credentials for a relay route. */
 export interface RouteAuth {
@@ -91,6 +93,34 @@ export interface ScopedOptions {
   tls?: TlsPolicy;
   /** Node TLS options for every connection in this scope (merged under a route's own `tls`). Default: none (Node's defaults). */
   tlsOptions?: TlsConnectionOptions;
+  /**
+   * Momentum `outbound_throttle_messages`, KumoMTA `max_message_rate`: recipients sent (each RCPT
+   * TO, whatever its reply) at most this often, `'N/period'` (`'20/s'`, `'100/min'`, `'2000/h'`,
+   * `'20/30s'`, `'10000/d'`, optionally `,max_burst=B`; shaping/rate.ts). Never more than N in any
+   * window of the period. One bucket per scope it is written in, shared by every pair that scope
+   * covers: on a binding, all of its domains (the IP's budget); in a binding's domain stanza, that
+   * pair; in a global domain stanza, that domain from every binding; globally, everything. A send
+   * over the rate waits (up to `acquireTimeout`), else goes pending with `retryAfter`. Default: none.
+   */
+  maxMessageRate?: string;
+  /** Momentum `outbound_throttle_connections`, KumoMTA `max_connection_rate`: new connections at most this often; written and shared like `maxMessageRate`. Default: none. */
+  maxConnectionRate?: string;
+  /** A `maxMessageRate` that follows a plan of steps by date (shaping/warmup.ts); written instead of `maxMessageRate` in the same scope. Default: none. */
+  warmup?: WarmupPlan;
+  /**
+   * Momentum Adaptive Delivery, KumoMTA automation: what a pair does when a server's reply
+   * matches (shaping/reply-rules.ts). A pair's rules are those of every scope that covers it,
+   * most specific first (its domain stanzas, then its binding's, group's and the global ones),
+   * then `defaultReplyRules`. Default: none.
+   */
+  replyRules?: ReplyRule[];
+}
+
+/** Per-connection limits as a connection checks them; 0 = no limit. */
+export interface ConnectionLimits {
+  maxDeliveries: number;
+  maxRecipients: number;
+  maxRecipientsPerTransaction: number;
 }
 
 /** See `ScopedOptions.tls`: `no` < `ifavailable` < `required` < `verified`. */
@@ -164,6 +194,8 @@ export interface BindingPoolOptions extends ScopedOptions {
    * Default 268 435 456 (256 MiB).
    */
   maxReadAheadBytes?: number;
+  /** Reply rules after every scope's `replyRules`: the built-in table (shaping/reply-rules.ts DEFAULT_REPLY_RULES) unless replaced; `[]` turns it off. */
+  defaultReplyRules?: ReplyRule[];
   /**
    * Deliver from a worker thread, so composing messages (the application's thread) and speaking
    * SMTP (the worker) run on two cores. The options other than `selectBinding` must then be
@@ -173,7 +205,7 @@ export interface BindingPoolOptions extends ScopedOptions {
 }
 
 /** How each scoped option is checked, with its default; README's option table mirrors it. */
-export type OptionKind = 'count' | 'positive' | 'milliseconds' | 'port' | 'route' | 'tlsPolicy' | 'tlsOptions';
+export type OptionKind = 'count' | 'positive' | 'milliseconds' | 'port' | 'route' | 'tlsPolicy' | 'tlsOptions' | 'rate' | 'warmup' | 'replyRules';
 
 export interface ScopedOptionSpec {
   kind: OptionKind;
@@ -200,13 +232,20 @@ export const SCOPED_OPTIONS = {
   port: { kind: 'port', default: 25 },
   tls: { kind: 'tlsPolicy', default: 'ifavailable', momentum: 'tls' },
   tlsOptions: { kind: 'tlsOptions', default: undefined },
+  maxMessageRate: { kind: 'rate', default: undefined, momentum: 'outbound_throttle_messages' },
+  maxConnectionRate: { kind: 'rate', default: undefined, momentum: 'outbound_throttle_connections' },
+  warmup: { kind: 'warmup', default: undefined },
+  replyRules: { kind: 'replyRules', default: undefined, momentum: 'adaptive delivery' },
 } as const satisfies Record<keyof ScopedOptions, ScopedOptionSpec>;
 
 export type ScopedOptionName = keyof typeof SCOPED_OPTIONS;
 export const SCOPED_OPTION_NAMES = Object.keys(SCOPED_OPTIONS) as ScopedOptionName[];
 
 /** Every scoped option with its value after resolution. */
-export type ResolvedOptions = Required<Omit<ScopedOptions, 'route' | 'tlsOptions'>> & Pick<ScopedOptions, 'route' | 'tlsOptions'>;
+export type ResolvedOptions = Required<Omit<ScopedOptions, OptionalScoped>> & Pick<ScopedOptions, OptionalScoped>;
+
+/** Scoped options without a default. */
+type OptionalScoped = 'route' | 'tlsOptions' | 'maxMessageRate' | 'maxConnectionRate' | 'warmup' | 'replyRules';
 
 /** Options that are only global (they concern the DNS cache every pool shares). */
 export const DNS_OPTIONS = {

@@ -13,8 +13,10 @@ import {
   type BindingPoolOptions,
   type ResolvedOptions,
   type RouteOptions,
+  type ScopedOptionName,
   type ScopedOptions,
 } from './options';
+import { DEFAULT_REPLY_RULES, type ReplyRule } from '../shaping/reply-rules';
 import { BUILT_IN_BINDING, checkOptions, childPath, suggestion, type CheckedOptions } from './validate';
 import type { SendMailOptions } from 'nodemailer';
 
@@ -179,10 +181,56 @@ export class ScopeResolver {
 
   /** The scopes that apply to a (binding, domain) pair, most specific first. */
   private chain(binding: Binding, domain: string | undefined): (ScopedOptions | undefined)[] {
+    return this.scopesOf(binding, domain).map(([scope]) => scope);
+  }
+
+  /**
+   * The most specific scope of a pair that sets one of `names`, with its option path: a rate's
+   * bucket is that scope's, shared by every pair the scope covers (Momentum's throttles).
+   */
+  declaration<N extends ScopedOptionName>(
+    binding: Binding,
+    domain: string,
+    names: readonly N[],
+  ): { path: string; name: N; value: NonNullable<ScopedOptions[N]> } | undefined {
+    for (const [scope, path] of this.scopesOf(binding, domain)) {
+      for (const name of names) if (scope?.[name] !== undefined) return { path, name, value: scope[name] as NonNullable<ScopedOptions[N]> };
+    }
+    return undefined;
+  }
+
+  /** A pair's reply rules: every scope's `replyRules`, most specific first, then `defaultReplyRules`; each with its path. */
+  replyRulesFor(binding: Binding, domain: string): { rule: ReplyRule; path: string }[] {
+    const found: { rule: ReplyRule; path: string }[] = [];
+    for (const [scope, path] of this.scopesOf(binding, domain)) {
+      scope?.replyRules?.forEach((rule, i) => found.push({ rule, path: `${childPath(path, 'replyRules') || 'replyRules'}[${i}]` }));
+    }
+    const defaults = this.options.defaultReplyRules ?? DEFAULT_REPLY_RULES;
+    defaults.forEach((rule, i) => found.push({ rule, path: `defaultReplyRules[${i}]` }));
+    return found;
+  }
+
+  /** The scopes of a pair with their option paths ('' for the global scope), most specific first. */
+  private scopesOf(binding: Binding, domain: string | undefined): [ScopedOptions | undefined, string][] {
     const own = this.options.bindings[binding.name];
+    const ownPath = childPath('bindings', binding.name);
     const group = binding.group !== undefined ? this.options.bindingGroups[binding.group] : undefined;
-    if (domain === undefined) return [own, group, this.options];
-    return [own?.domains?.[domain], group?.domains?.[domain], own, group, this.options.domains[domain], this.options];
+    const groupPath = binding.group !== undefined ? childPath('bindingGroups', binding.group) : '';
+    if (domain === undefined)
+      return [
+        [own, ownPath],
+        [group, groupPath],
+        [this.options, ''],
+      ];
+    const stanza = (path: string): string => childPath(childPath(path, 'domains'), domain);
+    return [
+      [own?.domains?.[domain], stanza(ownPath)],
+      [group?.domains?.[domain], stanza(groupPath)],
+      [own, ownPath],
+      [group, groupPath],
+      [this.options.domains[domain], stanza('')],
+      [this.options, ''],
+    ];
   }
 
   private choiceForName(name: string): BindingChoice {

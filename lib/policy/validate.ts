@@ -17,6 +17,9 @@ import {
   type DomainOptions,
   type ScopedOptions,
 } from './options';
+import { RULE_SETTING_NAMES } from '../shaping/reply-rules';
+import { parseDuration, parseRate } from '../shaping/rate';
+import { warmupProblem } from '../shaping/warmup';
 
 const TOP_LEVEL_KEYS = [
   ...SCOPED_OPTION_NAMES,
@@ -30,6 +33,7 @@ const TOP_LEVEL_KEYS = [
   'name',
   'dnsServers',
   'deliveryThread',
+  'defaultReplyRules',
 ];
 const TLS_POLICIES = ['no', 'ifavailable', 'required', 'verified'];
 const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
@@ -61,6 +65,7 @@ export function checkOptions(input: unknown): CheckedOptions {
   if (options.selectBinding !== undefined && typeof options.selectBinding !== 'function') {
     throw new ConfigError('selectBinding', 'must be a function');
   }
+  if (options.defaultReplyRules !== undefined) checkReplyRules(options.defaultReplyRules, 'defaultReplyRules');
   if (options.deliveryThread !== undefined && typeof options.deliveryThread !== 'boolean') {
     throw new ConfigError('deliveryThread', `must be true or false, got ${show(options.deliveryThread)}`);
   }
@@ -192,8 +197,67 @@ function checkScoped(scope: Record<string, unknown>, path: string): void {
       case 'tlsOptions':
         checkObject(value, optionPath);
         break;
+      default:
+        checkShaping(SCOPED_OPTIONS[name].kind, value, optionPath);
     }
   }
+  if (scope.maxMessageRate !== undefined && scope.warmup !== undefined) {
+    throw new ConfigError(childPath(path, 'warmup'), 'is a maxMessageRate that changes by date: set one of warmup and maxMessageRate in a scope, not both');
+  }
+}
+
+/** The shaping options' checks: rates, warm-up plans, reply rules. */
+function checkShaping(kind: string, value: unknown, path: string): void {
+  if (kind === 'rate') {
+    const rate = parseRate(value);
+    if (typeof rate === 'string') throw new ConfigError(path, rate);
+  } else if (kind === 'warmup') {
+    const problem = warmupProblem(value);
+    if (problem) throw new ConfigError(problem.path ? `${path}.${problem.path}` : path, problem.problem);
+  } else if (kind === 'replyRules') {
+    checkReplyRules(value, path);
+  }
+}
+
+const RULE_KEYS = ['name', 'match', 'action', 'duration', 'trigger'];
+
+/** Reply rules (shaping/reply-rules.ts): each field, so that a typo fails at startup. */
+function checkReplyRules(value: unknown, path: string): void {
+  if (!Array.isArray(value)) throw new ConfigError(path, 'must be an array of rules { match, action, duration, trigger? }');
+  value.forEach((item: unknown, i: number) => {
+    const rulePath = `${path}[${i}]`;
+    const rule = checkObject(item, rulePath);
+    checkKeys(rule, RULE_KEYS, rulePath);
+    if (rule.name !== undefined && (typeof rule.name !== 'string' || rule.name === ''))
+      throw new ConfigError(childPath(rulePath, 'name'), 'must be a non-empty string');
+    if (!(rule.match instanceof RegExp) && (typeof rule.match !== 'string' || rule.match === ''))
+      throw new ConfigError(childPath(rulePath, 'match'), `must be a RegExp or a non-empty string, got ${show(rule.match)}`);
+    checkRuleAction(rule.action, childPath(rulePath, 'action'));
+    const duration = rule.duration;
+    const ms = typeof duration === 'number' ? duration : typeof duration === 'string' ? parseDuration(duration) : undefined;
+    if (ms === undefined || !Number.isInteger(ms) || ms < 1)
+      throw new ConfigError(childPath(rulePath, 'duration'), `must be milliseconds ≥ 1 or a duration such as '30s', '10min', '2h', got ${show(duration)}`);
+    if (rule.trigger !== undefined) {
+      const trigger = parseRate(rule.trigger);
+      if (typeof trigger === 'string' || trigger.burst !== trigger.count)
+        throw new ConfigError(
+          childPath(rulePath, 'trigger'),
+          `must be 'N/period', e.g. '3/10min' (act at the third match within 10 minutes), got ${show(rule.trigger)}`,
+        );
+    }
+  });
+}
+
+function checkRuleAction(action: unknown, path: string): void {
+  if (action === 'suspend') return;
+  const object = typeof action === 'object' && action !== null ? (action as Record<string, unknown>) : undefined;
+  if (!object || typeof object.set !== 'object' || object.set === null)
+    throw new ConfigError(path, `must be 'suspend' or { set: { …options… } }, got ${show(action)}`);
+  checkKeys(object, ['set'], path);
+  const set = checkObject(object.set, childPath(path, 'set'));
+  checkKeys(set, RULE_SETTING_NAMES, childPath(path, 'set'));
+  if (Object.keys(set).length === 0) throw new ConfigError(childPath(path, 'set'), `must set at least one of ${RULE_SETTING_NAMES.join(', ')}`);
+  checkScoped(set, childPath(path, 'set'));
 }
 
 function checkRoute(value: unknown, path: string): void {

@@ -11,7 +11,7 @@ import { describeError } from '../errors';
 import { CountingConnection, type ConnectionTarget } from '../smtp/connection';
 import type { Binding } from '../policy/scopes';
 import type { MxAnswer, MxResolver } from './mx-resolver';
-import type { ResolvedOptions } from '../policy/options';
+import type { ConnectionLimits, ResolvedOptions } from '../policy/options';
 import type { Connector } from '../pool/registry';
 import { tlsPlan, withPlainTextRetry, type TlsPlan } from './tls-policy';
 import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots } from '../pool/host-slots';
@@ -49,13 +49,9 @@ export class Router {
    * with the fewest connections from the binding first (spread per connection, RFC 5321 5.1);
    * a host backing off after failed connects only when every host is. Each dial holds a slot on
    * its host (maxHostConnections, shared with other pools), waiting for one when the host is full.
+   * `limits` is the pair's policy's object: connections read it as it changes (pair-policy.ts).
    */
-  connectorFor(binding: Binding, domain: string, options: ResolvedOptions): Connector {
-    const limits = {
-      maxDeliveries: options.maxDeliveriesPerConnection,
-      maxRecipients: options.maxRecipientsPerConnection,
-      maxRecipientsPerTransaction: options.maxRecipientsPerTransaction,
-    };
+  connectorFor(binding: Binding, domain: string, options: ResolvedOptions, limits: ConnectionLimits): Connector {
     const label = `${binding.name}/${domain}`;
     const backoff = { first: options.connectBackoff, max: options.maxConnectBackoff };
     const reuseKeys = new Map<string, string>();
@@ -63,6 +59,7 @@ export class Router {
       const decision = await this.decide(binding, domain, options);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
       const failures: string[] = [];
+      const replies: string[] = [];
       let verdict: DialVerdict = 'unreachable';
       for (const hop of this.dialOrder(binding, decision.hops)) {
         const host = this.slots.host(binding.name, hop.host, hop.port);
@@ -97,11 +94,13 @@ export class Router {
           host.record(outcome, others, backoff);
           slot.release();
           verdict = worse(verdict, dialVerdict(outcome, others, err));
+          const said = serverReply(err);
+          if (said !== undefined) replies.push(said);
           // Refused, timed out, greeted with 4xx/421, or no TLS where it is required: next host.
           failures.push(`${hop.servername ?? hop.host}[${hop.host}]:${hop.port}: ${describeError(err)}`);
         }
       }
-      throw new DialFailure(failures.join('; '), verdict);
+      throw new DialFailure(failures.join('; '), verdict, replies);
     };
   }
 
@@ -137,6 +136,12 @@ function describeTls(tls: TlsConnectionOptions): string {
         return [key, text.length > 64 ? createHash('sha256').update(text).digest('base64') : text];
       }),
   );
+}
+
+/** The server's own refusal in a failed dial (greeting, EHLO, STARTTLS, AUTH), if it made one. */
+function serverReply(err: unknown): string | undefined {
+  const e = err as { responseCode?: number; response?: string };
+  return e.responseCode !== undefined && e.responseCode >= 400 && typeof e.response === 'string' ? e.response : undefined;
 }
 
 /** What the server's answer to a connect says about it. */

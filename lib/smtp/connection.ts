@@ -11,9 +11,9 @@ import type { Readable } from 'node:stream';
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import { connectionLog } from '../log';
-import type { RouteAuth } from '../policy/options';
+import type { ConnectionLimits, RouteAuth } from '../policy/options';
 import { MessageHandover, offers, peerOpen, rcptsSent, recordLmtpReplies, serverSizeLimit, socketOf, type EnvelopeRecord, type LmtpReply } from './internals';
-import { decideVerdicts, type MessageProgress, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
+import { decideVerdicts, serverRefusals, type MessageProgress, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
 
 export type { RecipientReply, RecipientVerdict } from './verdicts';
 
@@ -41,12 +41,7 @@ export interface ConnectionTarget {
   socketTimeout: number;
 }
 
-/** Per-connection limits; 0 = no limit. */
-export interface ConnectionLimits {
-  maxDeliveries: number;
-  maxRecipients: number;
-  maxRecipientsPerTransaction: number;
-}
+export type { ConnectionLimits };
 
 export type RetireReason =
   /** maxDeliveriesPerConnection reached. */
@@ -61,6 +56,8 @@ export type RetireReason =
   | 'idle'
   /** Closed while idle to free a slot on its host for another pool (maxHostConnections). */
   | 'evicted'
+  /** Retired because a reply rule lowered the pair's maxOutboundConnections below the connections open. */
+  | 'shaped'
   /** The transport closed. */
   | 'shutdown';
 
@@ -87,6 +84,8 @@ interface SmtpError extends Error {
 
 let nextConnectionId = 1;
 
+const NO_REFUSALS: readonly string[] = [];
+
 /** How long a closing connection waits for the server's QUIT reply, then for its socket to close. */
 const CLOSE_GRACE_MS = 2_000;
 
@@ -101,6 +100,13 @@ export class CountingConnection {
   retireReason: RetireReason | undefined;
   /** The server's 421 that closed it, if one did: a pool reads it as a per-connection limit or a throttle. */
   closingReply: string | undefined;
+  /**
+   * A time by which the server had read the last transaction's RCPTs: DATA's 354 reply, else the
+   * transaction's end. A message rate's takes are counted from it (shaping/rate.ts).
+   */
+  rcptsReadBy = 0;
+  /** The server's 4xx/5xx replies in the last transaction, each once (what reply rules read). */
+  refusals: readonly string[] = [];
   private readonly smtp: SMTPConnection;
   private ended = false;
   private readonly endWaiters: (() => void)[] = [];
@@ -238,6 +244,7 @@ export class CountingConnection {
       this.smtp.send(state, handover as unknown as Readable, (err, info) => resolve({ err: err as SmtpError | null, info })),
     );
     this.lmtpSink?.(undefined);
+    this.rcptsReadBy = handover.startedAt ?? Date.now();
     this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
     // A reset proves the dot unread only where no LMTP reply could have gone unrecorded.
     const failure = err ? failureOf(err, !this.target.lmtp || this.lmtpSink !== undefined) : undefined;
@@ -245,7 +252,7 @@ export class CountingConnection {
     // Only a failure asks how far the message got (it waits for the socket to say).
     const progress = failure ? await handover.progress() : 'sent';
     // Built only when there is something in them: the common transaction has neither.
-    const replies = decideVerdicts({
+    const facts = {
       rcpts,
       lmtp: this.target.lmtp,
       rcptAccepted: lmtpReplies.length === 0 ? (state.accepted ?? []) : [...(state.accepted ?? []), ...lmtpReplies.map((r) => r.rcpt)],
@@ -255,7 +262,9 @@ export class CountingConnection {
       finalReply: info ? { code: replyCode(info.response) ?? 250, response: info.response } : undefined,
       failure,
       message: progress,
-    });
+    };
+    const replies = decideVerdicts(facts);
+    this.refusals = err || facts.rcptRefused.size > 0 || facts.lmtpReplies.size > 0 ? serverRefusals(facts) : NO_REFUSALS;
     let delivered = 0;
     for (const reply of replies) if (reply.verdict === 'delivered') delivered++;
     this.deliveries += delivered;
@@ -347,7 +356,8 @@ export class CountingConnection {
     });
   }
 
-  private retireIfSpent(): void {
+  /** Retires the connection when it has no room left under its limits (they may have tightened since its last transaction). */
+  retireIfSpent(): void {
     const { maxDeliveries, maxRecipients } = this.limits;
     if (maxDeliveries > 0 && this.deliveries >= maxDeliveries) this.retire('maxDeliveries');
     else if (maxRecipients > 0 && this.recipients >= maxRecipients) this.retire('maxRecipients');

@@ -115,6 +115,8 @@ const FLUSH_VERDICT_MS = 1_000;
  */
 export class MessageHandover {
   private started = false;
+  /** When SMTPConnection began the message (after DATA's 354: the server had every RCPT by then). */
+  startedAt: number | undefined;
   private aborted = false;
   private dotFlushed: Promise<boolean> | undefined;
 
@@ -125,6 +127,7 @@ export class MessageHandover {
 
   pipe<T extends NodeJS.WritableStream>(destination: T): T {
     this.started = true;
+    this.startedAt = Date.now();
     const socket = this.socket;
     // A small message and its final dot leave in one write: corked only while they are handed
     // over, and only when all of it fits under the socket's high-water mark, so no write meets

@@ -137,3 +137,21 @@ function fromReply(rcpt: string, reply: ServerReply): RecipientReply {
   const verdict = reply.code === CLOSING ? 'retry' : reply.code >= 500 ? 'rejected' : reply.code >= 400 ? 'deferred' : 'delivered';
   return { rcpt, verdict, response: reply.response, responseCode: reply.code };
 }
+
+/**
+ * The server's 4xx/5xx replies in a transaction, each text once, in the order they came: what
+ * reply rules read (shaping/reply-rules.ts). A refusal made here (SIZE, SMTPUTF8) and a
+ * connection that broke without a reply are not the server's and are not in it.
+ */
+export function serverRefusals(facts: TransactionFacts): string[] {
+  const found = new Set<string>();
+  const add = (reply: ServerReply | undefined): void => {
+    if (reply && reply.code >= 400) found.add(reply.response);
+  };
+  for (const reply of facts.rcptRefused.values()) add(reply);
+  for (const reply of facts.lmtpReplies.values()) add(reply);
+  add(facts.finalReply);
+  const { failure } = facts;
+  if (failure?.kind === 'reply' || failure?.kind === 'broken') add(failure.reply);
+  return [...found];
+}

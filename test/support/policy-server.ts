@@ -14,6 +14,9 @@
  *   every client), it answers MAIL FROM with `421 4.7.0 too many messages, slow down`, and closes
  *   the connection, as a 421 does.
  * - refusing the first N connections with a 421 greeting (a receiver throttling a newcomer);
+ * - a per-connection message limit (Exim's `smtp_accept_max_per_connection`): MAIL FROM after
+ *   the Nth message of a session is answered `421 4.7.0 too many messages in this connection`;
+ * - any other reply at MAIL FROM a test asks for (`mailReply`: Yahoo's [TSS04], Gmail's 4.7.28);
  * - never greeting connections after the first N (a host that hangs): the client's greeting
  *   timeout ends them.
  *
@@ -43,6 +46,7 @@ export const PER_IP_REPLY: PolicyReply = { code: 421, message: 'Too many concurr
 export const TOTAL_REPLY: PolicyReply = { code: 421, message: 'Too many concurrent SMTP connections; please try again later' };
 export const REFUSE_REPLY: PolicyReply = { code: 421, message: 'Service temporarily unavailable; please try again later' };
 export const RATE_REPLY: PolicyReply = { code: 421, message: '4.7.0 too many messages, slow down' };
+export const PER_CONNECTION_REPLY: PolicyReply = { code: 421, message: '4.7.0 too many messages in this connection' };
 
 export interface RateWindow {
   /** Messages accepted in the window after which MAIL FROM is refused. */
@@ -84,6 +88,11 @@ export interface PolicyServerOptions {
   /** Refuse MAIL FROM with `rateReply` (and close) once this many messages were accepted in the window. */
   rateLimit?: RateWindow;
   rateReply?: PolicyReply;
+  /** Messages one session may carry; MAIL FROM after that many is answered `perConnectionReply` (421, and closed). Default: no limit. */
+  maxMessagesPerConnection?: number;
+  perConnectionReply?: PolicyReply;
+  /** A reply for a MAIL FROM, decided by the test (undefined: go on); a 421 closes the session. */
+  mailReply?: (context: { session: PolicySession; accepted: number }) => PolicyReply | undefined;
   /** Keep smtp-server's 100 ms early-talker pause before the greeting. Default false (faster runs). */
   earlyTalkerPause?: boolean;
 }
@@ -136,6 +145,8 @@ export interface PolicySession {
   n: number;
   id: string;
   remoteAddress: string;
+  /** When the server accepted its TCP connection (ms since the server started). */
+  at: number;
   /** Why the greeting was refused, when it was. */
   refused?: RefusalReason;
   /** Never greeted (`stallAfter`). */
@@ -176,6 +187,10 @@ export class PolicyServer extends LoopbackServer {
   readonly accepted: AcceptedMessage[] = [];
   /** Every session, refused ones included, in order. */
   readonly sessions: PolicySession[] = [];
+  /** Every RCPT TO, with its time (ms since the server started): what a message rate counts. */
+  readonly rcpts: { at: number; remoteAddress: string; address: string }[] = [];
+  /** Every MAIL FROM refused by a policy (rate, per-connection limit, `mailReply`), with the reply and time. */
+  readonly refusedMail: { at: number; session: string; reply: string }[] = [];
   /** Errors smtp-server reported (resets from clients that went away, mostly); never thrown. */
   /** Date.now() when the server started listening. */
   startedAt = 0;
@@ -209,13 +224,10 @@ export class PolicyServer extends LoopbackServer {
 
   /** Most messages the server accepted in any window of `windowMs` (to check a rate limit held). */
   peakRate(windowMs: number): number {
-    const times = this.accepted.map((m) => m.at).sort((a, b) => a - b);
-    let best = 0;
-    for (let i = 0, j = 0; j < times.length; j++) {
-      while (times[j] - times[i] >= windowMs) i++;
-      best = Math.max(best, j - i + 1);
-    }
-    return best;
+    return peakInWindow(
+      this.accepted.map((m) => m.at),
+      windowMs,
+    );
   }
 
   /** No session open and no socket left. */
@@ -300,6 +312,7 @@ export class PolicyServer extends LoopbackServer {
       onConnect: (smtpSession, callback) => {
         const session: PolicySession = {
           n: this.sessions.length + 1,
+          at: Date.now() - this.startedAt,
           id: smtpSession.id,
           remoteAddress: plainAddress(smtpSession.remoteAddress),
           mailCommands: 0,
@@ -343,12 +356,23 @@ export class PolicyServer extends LoopbackServer {
         if (!session) return callback(refusal({ code: 451, message: '4.3.0 unknown session' }));
         session.mailCommands++;
         this.count(session.remoteAddress, (c) => c.mailCommands++);
-        if (this.rateExceeded(session.remoteAddress)) {
+        const { maxMessagesPerConnection, mailReply } = this.options;
+        let reply: PolicyReply | undefined;
+        if (this.rateExceeded(session.remoteAddress)) reply = this.options.rateReply ?? RATE_REPLY;
+        else if (maxMessagesPerConnection !== undefined && session.messages >= maxMessagesPerConnection)
+          reply = this.options.perConnectionReply ?? PER_CONNECTION_REPLY;
+        else reply = mailReply?.({ session, accepted: this.accepted.length });
+        if (reply) {
           session.mailRefused++;
           this.count(session.remoteAddress, (c) => c.mailRefused++);
+          this.refusedMail.push({ at: Date.now() - this.startedAt, session: session.id, reply: `${reply.code} ${reply.message}` });
           // smtp-server closes the connection after any 421 it sends.
-          return callback(refusal(this.options.rateReply ?? RATE_REPLY));
+          return callback(refusal(reply));
         }
+        callback();
+      },
+      onRcptTo: (address, smtpSession, callback) => {
+        this.rcpts.push({ at: Date.now() - this.startedAt, remoteAddress: plainAddress(smtpSession.remoteAddress), address: address.address });
         callback();
       },
       onData: (stream, smtpSession, callback) => {
@@ -426,4 +450,15 @@ export class PolicyServer extends LoopbackServer {
       onClose();
     };
   }
+}
+
+/** Most of `times` (ms) in any half-open window [t, t + windowMs), wherever it is placed. */
+export function peakInWindow(times: readonly number[], windowMs: number): number {
+  const sorted = [...times].sort((a, b) => a - b);
+  let best = 0;
+  for (let i = 0, j = 0; j < sorted.length; j++) {
+    while (sorted[j] - sorted[i] >= windowMs) i++;
+    best = Math.max(best, j - i + 1);
+  }
+  return best;
 }

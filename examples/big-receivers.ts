@@ -4,10 +4,11 @@
  * at once (`maxOutboundConnections`), the way Momentum configures gmail.com or yahoo.com.
  *
  * - gmail.test: accepts everything; we allow 40 deliveries and 60 RCPTs per connection, 2 connections.
- * - yahoo.test: answers MAIL FROM with `421 4.7.0 [TSS04] too many messages` after 20 messages on a
- *   connection, as Yahoo does. The first binding keeps under it (maxDeliveriesPerConnection 20, the
- *   connection is retired cleanly); binding `eager` sets 50 in its own domain stanza, runs into the
- *   421 and the transport carries on over a new connection (reason `serverClosed`).
+ * - yahoo.test: answers MAIL FROM with `421 4.7.0 too many messages in this connection` after 20
+ *   messages on a connection (Exim's smtp_accept_max_per_connection). The first binding keeps under
+ *   it (maxDeliveriesPerConnection 20, the connection is retired cleanly); binding `eager` sets 50
+ *   in its own domain stanza, runs into the 421, carries on over a new connection (reason
+ *   `serverClosed`), and after two such 421s keeps under 20 itself (a learned limit).
  * Both domains have a static route to their server on 127.0.0.1.
  */
 import type { AddressInfo } from 'node:net';
@@ -26,7 +27,8 @@ async function startServer(messagesPerConnection = Infinity): Promise<{ port: nu
     logger: false,
     disabledCommands: ['STARTTLS'],
     onMailFrom(_address, session, callback) {
-      if (count(session) >= messagesPerConnection) return callback(Object.assign(new Error('4.7.0 [TSS04] too many messages'), { responseCode: 421 }));
+      if (count(session) >= messagesPerConnection)
+        return callback(Object.assign(new Error('4.7.0 too many messages in this connection'), { responseCode: 421 }));
       callback();
     },
     onData(stream, session, callback) {

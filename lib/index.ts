@@ -7,7 +7,8 @@ export { BindingPoolError, ConfigError } from './errors';
 export { DEFAULT_REPLY_RULES } from './shaping/reply-rules';
 export type { ReplyRule, ReplyRuleSettings } from './shaping/reply-rules';
 export type { WarmupPlan, WarmupStep } from './shaping/warmup';
-export type { RateStats, ShapingStats, SuspensionEvent } from './policy/pair-policy';
+export type { ShapingStats, SuspensionEvent } from './policy/pair-policy';
+export type { RateStats } from './policy/policy-registry';
 export type { BindingPoolErrorCode } from './errors';
 export type {
   BindingPoolOptions,

@@ -137,7 +137,8 @@ describe('warm-up plans', () => {
 
   test('bad plans name the field', () => {
     const build = (warmup: unknown) => () => new ScopeResolver({ bindings: { ip1: { warmup } } } as never);
-    expect(build({ start: 'tomorrow', steps: [[0, '1/d']] })).toThrow(/bindings\.ip1\.warmup\.start: must be a date/);
+    expect(build({ start: 'tomorrow', steps: [[0, '1/d']] })).toThrow(/bindings\.ip1\.warmup\.start: must be an ISO date/);
+    expect(build({ start: 'Dec 1, 2026', steps: [[0, '1/d']] })).toThrow(/warmup\.start: must be an ISO date/);
     expect(build({ start: '2026-12-01', steps: [[1, '1/d']] })).toThrow(/warmup\.steps\[0\]\[0\]: the first step must start on day 0/);
     expect(
       build({
@@ -204,6 +205,12 @@ describe('reply rules', () => {
     ],
     [{ replyRules: [{ match: 'x', action: { set: { maxMessageRate: 'fast' } }, duration: 1 }] }, /action\.set\.maxMessageRate: must be a rate/],
     [{ replyRules: [{ match: 'x', action: 'suspend', duration: 'a while' }] }, /replyRules\[0\]\.duration: must be milliseconds/],
+    [{ replyRules: [{ match: 'x', action: 'suspend', duration: '30d' }] }, /replyRules\[0\]\.duration: must be milliseconds \(1 to 2147483647/],
+    [
+      { replyRules: [{ match: 'x', action: { set: { maxDeliveriesPerConnection: 0 } }, duration: 1 }] },
+      /set\.maxDeliveriesPerConnection: must be ≥ 1: a rule only tightens/,
+    ],
+    [{ replyRules: [{ match: 'x', action: { set: { maxOutboundConnections: undefined } }, duration: 1 }] }, /action\.set: must set at least one of/],
     [{ replyRules: [{ match: 'x', action: 'suspend', duration: 1, trigger: 'often' }] }, /replyRules\[0\]\.trigger: must be 'N\/period'/],
     [{ replyRules: [{ match: 'x', action: 'suspend', duration: 1, when: 'now' }] }, /replyRules\[0\]\.when: unknown option/],
     [{ domains: { 'a.test': { replyRules: [{ match: 1, action: 'suspend', duration: 1 }] } } }, /domains\["a\.test"\]\.replyRules\[0\]\.match/],

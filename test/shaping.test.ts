@@ -260,6 +260,24 @@ describe('maxMessageRate and maxConnectionRate: never exceeded in any window, as
     expect(after[0]).toBeGreaterThan(59_000);
     expect(after[2]).toBeGreaterThan(119_000);
   });
+  test('a burst of sends at once: those the rate has room for go at once, the rest wait or go pending (review: a burst once sent nothing)', async () => {
+    const receiver = await server();
+    const { transporter } = transport({
+      route: receiver.route,
+      maxMessageRate: '2/min',
+      acquireTimeout: 300,
+      bindings: { default: { localAddress: '127.0.0.2' } },
+    });
+    // Plain text: composed in the same turn, so every send reaches the pool before any connection is up.
+    const settled = await sendAll(
+      transporter,
+      Array.from({ length: 3 }, (_, i) => ({ from: 'a@sender.example', to: `b${i}@burst.test`, subject: 'burst', text: 'x'.repeat(20_000) })),
+    );
+    note("'2/min', 3 sends at once", { accepted: settled.accepted.length, pending: settled.pending.map((p) => p.response.slice(0, 50)) });
+    expect(settled.accepted).toHaveLength(2);
+    expect(settled.pending).toHaveLength(1);
+    expect(settled.pending[0].response).toMatch(/maxMessageRate '2\/min' \(global\)/);
+  });
 });
 
 describe('warm-up plans', () => {
@@ -376,6 +394,62 @@ describe('reply rules', () => {
     expect(later.every((s) => s.messages <= 2)).toBe(true);
     expect(receiver.total.peakSessions).toBe(1);
   });
+
+  test('a suspension stops at once the connection whose reply caused it (review: it carried the next sends)', async () => {
+    let told = false;
+    const receiver = await server({
+      mailReply: ({ accepted }) => (accepted >= 2 && !told ? ((told = true), { code: 451, message: '4.7.1 suspend-me' }) : undefined),
+    });
+    const { transporter } = transport({
+      route: receiver.route,
+      bindings: { default: { localAddress: '127.0.0.2' } },
+      maxOutboundConnections: 1,
+      replyRules: [{ match: 'suspend-me', action: 'suspend', duration: 60_000 }],
+    });
+    const settled = await sendAll(
+      transporter,
+      Array.from({ length: 8 }, (_, i) => ({ from: 'a@sender.example', to: `u${i}@stop.test`, subject: 'stop', text: 'y'.repeat(20_000) })),
+    );
+    note('suspension stops the connection', { accepted: settled.accepted.length, pending: settled.pending.length, serverAccepted: receiver.accepted.length });
+    expect(settled.accepted).toHaveLength(2);
+    expect(receiver.accepted).toHaveLength(2);
+    expect(settled.pending).toHaveLength(6);
+    expect(settled.pending.every((p) => p.retryAfter instanceof Date)).toBe(true);
+  });
+
+  test('a rule that lowers maxDeliveriesPerConnection below what idle connections carried: they are closed, new ones carry the rest', async () => {
+    // Found by the demo (1 run in 10 hung): an idle connection left with no room came straight
+    // back to the pool and out again, a loop of promise turns that starved every timer.
+    let mails = 0;
+    const receiver = await server({ mailReply: () => (++mails === 10 ? { code: 451, message: '4.7.1 please slow down' } : undefined) });
+    const { transporter } = transport({
+      route: receiver.route,
+      bindings: { default: { localAddress: '127.0.0.2' } },
+      maxOutboundConnections: 3,
+      replyRules: [{ match: 'slow down', action: { set: { maxDeliveriesPerConnection: 1 } }, duration: 60_000 }],
+    });
+    const first = await sendAll(
+      transporter,
+      Array.from({ length: 9 }, (_, i) => mail(i, `a${i}@tight.test`)),
+    );
+    const deferred = await sendAll(transporter, [mail(9, 'deferred@tight.test')]);
+    const sessionsBefore = receiver.sessions.length;
+    const rest = await sendAll(
+      transporter,
+      Array.from({ length: 5 }, (_, i) => mail(10 + i, `b${i}@tight.test`)),
+    );
+    const later = receiver.sessions.slice(sessionsBefore);
+    note('rule tightens under idle connections', {
+      first: first.accepted.length,
+      deferred: deferred.pending[0]?.response,
+      rest: rest.accepted.length,
+      newSessions: later.map((x) => x.messages),
+    });
+    expect(first.accepted).toHaveLength(9);
+    expect(deferred.pending[0].response).toBe('451 4.7.1 please slow down');
+    expect(rest.accepted).toHaveLength(5);
+    expect(later.every((x) => x.messages <= 1)).toBe(true);
+  }, 10_000);
 
   test('a trigger: the rule acts at the third match in its window, not before; a reply the transport made up never matches', async () => {
     const receiver = await server({ mailReply: () => ({ code: 451, message: '4.7.0 greylisted, try later' }) });

@@ -116,24 +116,32 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         for (const item of queue.splice(0)) settle(item, 'pending', describeError(err), undefined, undefined, retryAfter);
         return;
       }
-      // As many as the pool granted (the rates' room; at most the connection's capacity).
+      // Nothing left for this send: the delivery's other sends took it.
+      if (!grant) continue;
+      // As many as the pool granted (the rates' room; at most the connection's capacity, which a
+      // rule or a learned limit may have lowered since it was handed out).
       const { connection } = grant;
-      const batch = queue.splice(0, grant.recipients);
-      job.pool.refund(grant.recipients - batch.length);
+      const batch = queue.splice(0, Math.min(grant.recipients, connection.capacity()));
       if (batch.length === 0) {
+        job.pool.settle(grant, 0);
         job.pool.release(connection);
         continue;
       }
       const host = describeTarget(connection.target);
       hosts.add(host);
       if (!connections.has(connection.id)) connections.set(connection.id, { id: connection.id, host, encrypted: connection.encrypted });
-      const replies = await connection.send(
-        job.envelope,
-        batch.map((item) => item.recipient.rcpt),
-        job.message,
-      );
-      job.pool.settle(batch.length, connection);
-      job.pool.release(connection);
+      let replies;
+      try {
+        replies = await connection.send(
+          job.envelope,
+          batch.map((item) => item.recipient.rcpt),
+          job.message,
+        );
+      } finally {
+        // Whatever happened, the rate room is settled and the connection goes back.
+        job.pool.settle(grant, batch.length);
+        job.pool.release(connection);
+      }
       const again: QueuedRecipient[] = [];
       const progressed = replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
       const now = Date.now();

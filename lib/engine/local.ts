@@ -15,7 +15,8 @@ import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from '../p
 import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from '../pool/registry';
 import type { Recipient } from '../message/recipients';
 import { Router } from '../routing/router';
-import { PolicyRegistry, type RateStats, type ShapingStats } from '../policy/pair-policy';
+import { PolicyRegistry, type RateStats } from '../policy/policy-registry';
+import type { ShapingStats } from '../policy/pair-policy';
 
 /** One message for the engine: what the transport hands over per sendMail. */
 export interface MessageJob {
@@ -55,6 +56,8 @@ const VERIFY_DIAL = {
   owner: { closeIfIdle: () => false, yieldIdle: () => false, detach: () => undefined },
   wanted: () => true,
   signal: new AbortController().signal,
+  mayConnectAgain: () => true,
+  refused: () => undefined,
 };
 
 export class LocalEngine extends EventEmitter implements Engine {

@@ -17,17 +17,20 @@
  * the PolicyRegistry keeps it while something is in force.
  */
 import { poolLog } from '../log';
-import { parseRate, RateBucket, type BucketStats, type Rate } from '../shaping/rate';
-import { compileRule, RuleBook, type ReplyRuleSettings, type RuleMatch } from '../shaping/reply-rules';
-import { Warmup, type WarmupStep } from '../shaping/warmup';
-import type { Binding, ScopeResolver } from './scopes';
+import { RateBucket, type BucketStats, type Rate } from '../shaping/rate';
+import type { CompiledRule, ReplyRuleSettings, RuleBook, RuleMatch } from '../shaping/reply-rules';
 import type { ConnectionLimits, ResolvedOptions } from './options';
 
 /** How long a learned per-connection limit holds after the 421s that taught it. */
 export const LEARNED_LIMIT_MS = 60 * 60_000;
 
+/** How long a first 421-after-k waits for the second that confirms it. */
+const CANDIDATE_MS = 10 * 60_000;
+
 /** A rule's stricter options, in force until `until`. */
 interface Override {
+  /** The rule (by identity: two rules may share a name). */
+  source: CompiledRule;
   rule: string;
   reply: string;
   set: ReplyRuleSettings;
@@ -51,7 +54,7 @@ export interface ShapingStats {
   binding: string;
   domain: string;
   suspended?: { until: number; rule: string; reply: string };
-  overrides: { rule: string; reply: string; set: ReplyRuleSettings; until: number }[];
+  overrides: { rule: string; reply: string; set: ReplyRuleSettings; until: number; rates: BucketStats[] }[];
   learned?: { maxDeliveriesPerConnection: number; until: number; reply: string };
   /** The limits in force now (configured, tightened by rules and learned limits). */
   effective: { maxOutboundConnections: number; maxDeliveriesPerConnection: number; maxRecipientsPerConnection: number; maxRecipientsPerTransaction: number };
@@ -67,8 +70,8 @@ export class PairPolicy {
   private suspension: { until: number; rule: string; reply: string; timer: NodeJS.Timeout } | undefined;
   private overrides: Override[] = [];
   private learned: { k: number; until: number; reply: string } | undefined;
-  /** The last 421-after-k seen, waiting for a second one with the same k. */
-  private candidate: number | undefined;
+  /** The last 421-after-k seen, waiting for a second one with the same k (within CANDIDATE_MS). */
+  private candidate: { k: number; at: number } | undefined;
   /** The retryAfter times given to sends the rates turned away, still to come (ascending). */
   private readonly promised: number[] = [];
   /** The earliest time something in force ends (refresh does nothing before it). */
@@ -125,17 +128,11 @@ export class PairPolicy {
     return availableAt(this.messageBuckets(), now, nth);
   }
 
-  takeMessages(n: number, now: number): void {
-    for (const bucket of this.messageBuckets()) bucket.take(n, now);
-  }
-
-  refundMessages(n: number, now: number): void {
-    for (const bucket of this.messageBuckets()) bucket.refund(n, now);
-  }
-
-  /** `n` recipients taken from the message rates reached the server by `at` (shaping/rate.ts). */
-  settleMessages(n: number, at: number): void {
-    for (const bucket of this.messageBuckets()) bucket.settle(n, at);
+  /** Takes `n` recipients from every message bucket in force; returns them, to settle or refund there. */
+  takeMessages(n: number, now: number): RateBucket[] {
+    const buckets = this.messageBuckets();
+    for (const bucket of buckets) bucket.take(n, now);
+    return buckets;
   }
 
   connectionRoom(now: number): number {
@@ -155,13 +152,13 @@ export class PairPolicy {
   }
 
   /**
-   * The `retryAfter` for a send the message rates turn away, `ahead` sends in line before it:
-   * when the rates have room for it and for every send already told to come back, so that a
-   * batch turned away together comes back spread out as the rates allow, not all at once.
+   * The `retryAfter` for a send the message rates turn away: when the rates have room for it
+   * and for every send already told to come back, so that a batch turned away comes back spread
+   * out as the rates allow, not all at once.
    */
-  rateRetryAfter(now: number, ahead: number): number {
+  rateRetryAfter(now: number): number {
     while (this.promised.length > 0 && this.promised[0] <= now) this.promised.shift();
-    const at = this.messageAvailableAt(now, ahead + this.promised.length + 1);
+    const at = this.messageAvailableAt(now, this.promised.length + 1);
     this.promised.push(at);
     return at;
   }
@@ -180,12 +177,14 @@ export class PairPolicy {
   observe(replies: readonly string[], now: number): RuleMatch[] {
     if (replies.length === 0) return [];
     const acting = this.rules.observe(replies, now);
-    for (const { rule, reply } of acting) {
-      const until = now + rule.durationMs;
-      if (rule.action === 'suspend') this.suspend(rule.name, reply, until);
-      else this.override(rule.name, reply, rule.action.set, rule.action.rates, until);
+    const suspensions: RuleMatch[] = [];
+    for (const match of acting) {
+      if (match.rule.action === 'suspend') suspensions.push(match);
+      else this.override(match.rule, match.reply, now + match.rule.durationMs);
     }
     if (acting.length > 0) this.recompute();
+    // Last, with everything in force: a listener (or the delivery thread's stats) sees it all.
+    for (const { rule, reply } of suspensions) this.suspend(rule.name, reply, now + rule.durationMs);
     return acting;
   }
 
@@ -193,8 +192,8 @@ export class PairPolicy {
   learnFromClose(k: number, reply: string, now: number): void {
     const configured = this.options.maxDeliveriesPerConnection;
     if (k < 1 || (configured > 0 && k >= configured) || (this.learned && k >= this.learned.k)) return;
-    if (this.candidate !== k) {
-      this.candidate = k;
+    if (this.candidate?.k !== k || now - this.candidate.at > CANDIDATE_MS) {
+      this.candidate = { k, at: now };
       return;
     }
     this.candidate = undefined;
@@ -206,7 +205,8 @@ export class PairPolicy {
   /** Nothing in force and nothing counting: the policy can go with its pool. */
   dormant(now: number): boolean {
     this.refresh(now);
-    return !this.suspension && this.overrides.length === 0 && !this.learned && this.candidate === undefined && !this.rules.counting(now);
+    const candidate = this.candidate !== undefined && now - this.candidate.at <= CANDIDATE_MS;
+    return !this.suspension && this.overrides.length === 0 && !this.learned && !candidate && !this.rules.counting(now);
   }
 
   /** What is in force, for stats(); undefined when nothing is. */
@@ -216,7 +216,13 @@ export class PairPolicy {
     const stats: ShapingStats = {
       binding: this.binding,
       domain: this.domain,
-      overrides: this.overrides.map(({ rule, reply, set, until }) => ({ rule, reply, set, until })),
+      overrides: this.overrides.map(({ rule, reply, set, until, messageBucket, connectionBucket }) => ({
+        rule,
+        reply,
+        set,
+        until,
+        rates: [messageBucket?.stats(now), connectionBucket?.stats(now)].filter((b) => b !== undefined),
+      })),
       effective: {
         maxOutboundConnections: this.outbound,
         maxDeliveriesPerConnection: this.limits.maxDeliveries,
@@ -236,11 +242,22 @@ export class PairPolicy {
 
   private suspend(rule: string, reply: string, until: number): void {
     if (this.suspension) clearTimeout(this.suspension.timer);
-    // A timer of its own, so that `resumed` comes when the suspension ends, sends or not.
-    const timer = setTimeout(() => this.refresh(Date.now()), Math.max(0, until - Date.now())).unref();
-    this.suspension = { until, rule, reply, timer };
+    this.suspension = { until, rule, reply, timer: this.resumeTimer(until) };
+    this.recompute();
     poolLog('%s/%s suspended until %s by %s: %s', this.binding, this.domain, new Date(until).toISOString(), rule, reply);
     this.emit('suspended', { binding: this.binding, domain: this.domain, rule, reply, until: new Date(until) });
+  }
+
+  /** A timer of its own, so that `resumed` comes when the suspension ends, sends or not (again if it fired early). */
+  private resumeTimer(until: number): NodeJS.Timeout {
+    return setTimeout(
+      () => {
+        const now = Date.now();
+        if (this.suspension && this.suspension.until > now) this.suspension.timer = this.resumeTimer(this.suspension.until);
+        else this.refresh(now);
+      },
+      Math.max(0, until - Date.now()),
+    ).unref();
   }
 
   private resume(): void {
@@ -251,14 +268,17 @@ export class PairPolicy {
     this.emit('resumed', { binding: this.binding, domain: this.domain, rule, reply, until: new Date(until) });
   }
 
-  private override(rule: string, reply: string, set: ReplyRuleSettings, rates: { maxMessageRate?: Rate; maxConnectionRate?: Rate }, until: number): void {
+  private override(source: CompiledRule, reply: string, until: number): void {
+    if (source.action === 'suspend') return;
+    const { set, rates } = source.action;
     // The same rule again extends its override (its buckets keep what they counted).
-    const previous = this.overrides.find((o) => o.rule === rule);
-    const scope = `${rule} (rule)`;
+    const previous = this.overrides.find((o) => o.source === source);
+    const scope = `${source.name} (rule)`;
     const bucket = (rate: Rate | undefined, existing: RateBucket | undefined): RateBucket | undefined =>
       rate ? (existing ?? new RateBucket(scope, () => rate)) : undefined;
     const next: Override = {
-      rule,
+      source,
+      rule: source.name,
       reply,
       set,
       until,
@@ -266,7 +286,7 @@ export class PairPolicy {
       connectionBucket: bucket(rates.maxConnectionRate, previous?.connectionBucket),
     };
     this.overrides = [...this.overrides.filter((o) => o !== previous), next];
-    poolLog('%s/%s: %s sets %j until %s: %s', this.binding, this.domain, rule, set, new Date(until).toISOString(), reply);
+    poolLog('%s/%s: %s sets %j until %s: %s', this.binding, this.domain, source.name, set, new Date(until).toISOString(), reply);
   }
 
   /** The limits in force: the strictest of the configured value, each override's and the learned one. */
@@ -325,107 +345,4 @@ function availableAt(list: RateBucket[], now: number, nth: number): number {
   let latest = now;
   for (const bucket of list) latest = Math.max(latest, bucket.availableAt(now, nth));
   return latest;
-}
-
-/** A rate bucket's figures with the warm-up step in force, for stats(). */
-export interface RateStats extends BucketStats {
-  kind: 'maxMessageRate' | 'maxConnectionRate';
-  warmup?: WarmupStep;
-}
-
-/**
- * The pairs' policies, and the rate buckets they share: one per scope a rate is declared in.
- * A pair's policy is made on first use and kept while its pool lives or something is in force.
- */
-export class PolicyRegistry {
-  private readonly policies = new Map<string, PairPolicy>();
-  private readonly buckets = new Map<string, { bucket: RateBucket; kind: RateStats['kind']; warmup?: Warmup }>();
-
-  constructor(
-    private readonly scopes: ScopeResolver,
-    private readonly emit: PolicyEvents,
-  ) {}
-
-  get(binding: Binding, domain: string): PairPolicy {
-    const key = `${binding.name}\0${domain}`;
-    let policy = this.policies.get(key);
-    if (!policy) {
-      const rules = this.scopes.replyRulesFor(binding, domain).map(({ rule, path }) => compileRule(rule, path));
-      policy = new PairPolicy(
-        binding.name,
-        domain,
-        this.scopes.resolve(binding, domain),
-        this.messageBucketFor(binding, domain),
-        this.connectionBucketFor(binding, domain),
-        new RuleBook(rules),
-        this.emit,
-      );
-      this.policies.set(key, policy);
-    }
-    return policy;
-  }
-
-  /** The pair's pool was dropped: its policy goes too unless something is in force. */
-  release(binding: string, domain: string): void {
-    const key = `${binding}\0${domain}`;
-    if (this.policies.get(key)?.dormant(Date.now())) this.policies.delete(key);
-  }
-
-  rateStats(now: number): RateStats[] {
-    const found: RateStats[] = [];
-    for (const { bucket, kind, warmup } of this.buckets.values()) {
-      const stats = bucket.stats(now);
-      if (!stats) continue;
-      found.push(warmup ? { kind, ...stats, warmup: warmup.stepAt(now) } : { kind, ...stats });
-    }
-    return found;
-  }
-
-  shapingStats(now: number): ShapingStats[] {
-    const found: ShapingStats[] = [];
-    for (const policy of this.policies.values()) {
-      const stats = policy.stats(now);
-      if (stats) found.push(stats);
-    }
-    return found;
-  }
-
-  close(): void {
-    for (const policy of this.policies.values()) policy.close();
-  }
-
-  private messageBucketFor(binding: Binding, domain: string): RateBucket | undefined {
-    const declared = this.scopes.declaration(binding, domain, ['maxMessageRate', 'warmup'] as const);
-    if (!declared) return undefined;
-    return this.shared('maxMessageRate', declared.path, (scope) => {
-      if (declared.name === 'warmup') {
-        const warmup = new Warmup(declared.value as NonNullable<ResolvedOptions['warmup']>);
-        return { bucket: new RateBucket(scope, (now) => warmup.rateAt(now)), warmup };
-      }
-      const rate = parseRateChecked(declared.value as string);
-      return { bucket: new RateBucket(scope, () => rate) };
-    });
-  }
-
-  private connectionBucketFor(binding: Binding, domain: string): RateBucket | undefined {
-    const declared = this.scopes.declaration(binding, domain, ['maxConnectionRate'] as const);
-    if (!declared) return undefined;
-    const rate = parseRateChecked(declared.value);
-    return this.shared('maxConnectionRate', declared.path, (scope) => ({ bucket: new RateBucket(scope, () => rate) }));
-  }
-
-  /** The bucket of a declaration, made once: every pair the scope covers shares it (Momentum's throttles). */
-  private shared(kind: RateStats['kind'], path: string, make: (scope: string) => { bucket: RateBucket; warmup?: Warmup }): RateBucket {
-    const key = `${kind}\0${path}`;
-    let entry = this.buckets.get(key);
-    // The global scope's path is '': named for stats and errors.
-    path ||= 'global';
-    if (!entry) this.buckets.set(key, (entry = { kind, ...make(path) }));
-    return entry.bucket;
-  }
-}
-
-/** A rate validate.ts has already accepted. */
-function parseRateChecked(text: string): Rate {
-  return parseRate(text) as Rate;
 }

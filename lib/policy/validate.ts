@@ -221,6 +221,9 @@ function checkShaping(kind: string, value: unknown, path: string): void {
 
 const RULE_KEYS = ['name', 'match', 'action', 'duration', 'trigger'];
 
+/** The longest a timer can wait in Node (2^31 - 1 ms). */
+const MAX_TIMER_MS = 2_147_483_647;
+
 /** Reply rules (shaping/reply-rules.ts): each field, so that a typo fails at startup. */
 function checkReplyRules(value: unknown, path: string): void {
   if (!Array.isArray(value)) throw new ConfigError(path, 'must be an array of rules { match, action, duration, trigger? }');
@@ -235,8 +238,11 @@ function checkReplyRules(value: unknown, path: string): void {
     checkRuleAction(rule.action, childPath(rulePath, 'action'));
     const duration = rule.duration;
     const ms = typeof duration === 'number' ? duration : typeof duration === 'string' ? parseDuration(duration) : undefined;
-    if (ms === undefined || !Number.isInteger(ms) || ms < 1)
-      throw new ConfigError(childPath(rulePath, 'duration'), `must be milliseconds ≥ 1 or a duration such as '30s', '10min', '2h', got ${show(duration)}`);
+    if (ms === undefined || !Number.isInteger(ms) || ms < 1 || ms > MAX_TIMER_MS)
+      throw new ConfigError(
+        childPath(rulePath, 'duration'),
+        `must be milliseconds (1 to ${MAX_TIMER_MS}, about 24 days) or a duration such as '30s', '10min', '2h', got ${show(duration)}`,
+      );
     if (rule.trigger !== undefined) {
       const trigger = parseRate(rule.trigger);
       if (typeof trigger === 'string' || trigger.burst !== trigger.count)
@@ -254,10 +260,15 @@ function checkRuleAction(action: unknown, path: string): void {
   if (!object || typeof object.set !== 'object' || object.set === null)
     throw new ConfigError(path, `must be 'suspend' or { set: { …options… } }, got ${show(action)}`);
   checkKeys(object, ['set'], path);
-  const set = checkObject(object.set, childPath(path, 'set'));
-  checkKeys(set, RULE_SETTING_NAMES, childPath(path, 'set'));
-  if (Object.keys(set).length === 0) throw new ConfigError(childPath(path, 'set'), `must set at least one of ${RULE_SETTING_NAMES.join(', ')}`);
-  checkScoped(set, childPath(path, 'set'));
+  const setPath = childPath(path, 'set');
+  const set = checkObject(object.set, setPath);
+  checkKeys(set, RULE_SETTING_NAMES, setPath);
+  if (!Object.values(set).some((v) => v !== undefined)) throw new ConfigError(setPath, `must set at least one of ${RULE_SETTING_NAMES.join(', ')}`);
+  checkScoped(set, setPath);
+  // A rule only tightens: 0 ("no limit") would do nothing, and is most likely a mistake.
+  for (const [name, value] of Object.entries(set)) {
+    if (value === 0) throw new ConfigError(childPath(setPath, name), 'must be ≥ 1: a rule only tightens, and 0 (no limit) would change nothing');
+  }
 }
 
 function checkRoute(value: unknown, path: string): void {

@@ -87,8 +87,6 @@ export class DialFailure extends Error {
   constructor(
     message: string,
     readonly verdict: DialVerdict,
-    /** The servers' own refusals (a 421 greeting, an EHLO or STARTTLS error), for reply rules. */
-    readonly replies: readonly string[] = [],
   ) {
     super(message);
     this.name = 'DialFailure';

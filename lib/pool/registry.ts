@@ -30,8 +30,9 @@ import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from '../errors';
 import { describeTarget, type CountingConnection, type RetireReason } from '../smtp/connection';
 import { DialGate } from './dial-gate';
-import { DialFailure, offerIdle, SlotCancelled, takenOver, type SlotOwner } from './host-slots';
+import { offerIdle, SlotCancelled, takenOver, type SlotOwner } from './host-slots';
 import type { PairPolicy } from '../policy/pair-policy';
+import type { RateBucket } from '../shaping/rate';
 import { poolLog } from '../log';
 
 /** What a dial needs from its pool: who owns the connection, whether it is still wanted, and when to give up. */
@@ -39,6 +40,13 @@ export interface DialRequest {
   owner: SlotOwner;
   wanted: () => boolean;
   signal: AbortSignal;
+  /**
+   * Asked before each connect after the first (the next MX host, a plain-text retry): false when
+   * the connection rates have no room for another, and the dial stops there.
+   */
+  mayConnectAgain: () => boolean;
+  /** A server's own refusal during the dial (a 4xx/5xx greeting, EHLO, STARTTLS), for the reply rules. */
+  refused: (reply: string) => void;
 }
 
 /** Opens a connection for a pool; rejects with the connect error (a DialFailure from routing). */
@@ -54,6 +62,8 @@ export interface PoolSpec {
 export interface Grant {
   connection: CountingConnection;
   recipients: number;
+  /** The rate buckets the recipients were taken from: settled or given back there. */
+  buckets: readonly RateBucket[];
 }
 
 /** A connection's life, reported when it closes. */
@@ -114,7 +124,8 @@ interface Waiter {
   since: number;
   /** Recipients the send has left to go (read when a connection is handed out). */
   wants: () => number;
-  resolve(grant: Grant): void;
+  /** Undefined: the send has nothing left to go (its delivery's other sends took it). */
+  resolve(grant: Grant | undefined): void;
   reject(err: BindingPoolError): void;
 }
 
@@ -189,7 +200,7 @@ export class DestinationPool implements SlotOwner {
    * A connection for one transaction, with the recipients it may carry (at most `wants()`, read
    * when it is handed out); rejects with ECONNECT, EACQUIRE, ETHROTTLED, ESUSPENDED or ERATE.
    */
-  acquire(wants: () => number): Promise<Grant> {
+  acquire(wants: () => number): Promise<Grant | undefined> {
     if (this.closing) return Promise.reject(new BindingPoolError('ECLOSED', 'the transport is closing'));
     const now = Date.now();
     if (this.policy.suspendedUntil(now) !== undefined) return Promise.reject(this.suspendedError(now));
@@ -200,14 +211,16 @@ export class DestinationPool implements SlotOwner {
     });
   }
 
-  /** Gives back rate room a send took and did not use (it had fewer recipients left than it was granted). */
-  refund(recipients: number): void {
-    if (recipients > 0) this.policy.refundMessages(recipients, Date.now());
-  }
-
-  /** A transaction with `recipients` of a grant went out: they count against the rates from when the server had them. */
-  settle(recipients: number, connection: CountingConnection): void {
-    this.policy.settleMessages(recipients, connection.rcptsReadBy);
+  /**
+   * What a grant's send did with the rate room it took: `sent` recipients went out in a
+   * transaction (they count from when the server had them), the rest is given back.
+   */
+  settle(grant: Grant, sent: number): void {
+    const now = Date.now();
+    for (const bucket of grant.buckets) {
+      if (sent > 0) bucket.settle(sent, grant.connection.rcptsReadBy);
+      if (grant.recipients > sent) bucket.refund(grant.recipients - sent, now);
+    }
   }
 
   /** Takes a connection back after a transaction: to the oldest waiting send, else idle; a spent one is closed. */
@@ -216,7 +229,7 @@ export class DestinationPool implements SlotOwner {
     this.afterTransaction(connection, now);
     if (!connection.usable) {
       this.afterReturn(this.pool.destroy(connection));
-    } else if (this.waiters.size > 0 && this.handOut(this.waiters.values().next().value!, connection, now)) {
+    } else if (this.handOut(connection, now)) {
       return;
     } else {
       this.toIdle(connection);
@@ -229,7 +242,8 @@ export class DestinationPool implements SlotOwner {
    * it), then the generic 421 handling (dial-gate.ts) and the learned per-connection limit.
    */
   private afterTransaction(connection: CountingConnection, now: number): void {
-    if (connection.refusals.length > 0) this.policy.observe(connection.refusals, now);
+    const refusals = connection.takeRefusals();
+    if (refusals.length > 0) this.policy.observe(refusals, now);
     this.gate.afterTransaction(connection, now);
     if (connection.closingReply !== undefined && connection.deliveries > 0) this.policy.learnFromClose(connection.deliveries, connection.closingReply, now);
     // The pair's limits may have tightened under it (a rule, a learned limit).
@@ -275,18 +289,15 @@ export class DestinationPool implements SlotOwner {
   private giveUpOverdue(now: number): void {
     const timeout = this.policy.options.acquireTimeout;
     const paused = this.gate.paused(now);
-    // The sends in line ahead of each, so that each is told when the rates have room for it.
-    let ahead = this.grants;
+    // Only the oldest sends give up, in order: each, as it reaches the front, needs one recipient's room.
     for (const waiter of this.waiters) {
       const deadline = Math.max(waiter.since, this.lastHandout) + timeout;
-      const rateAt = this.policy.messageAvailableAt(now, ahead + 1);
+      const rateAt = this.policy.messageAvailableAt(now);
       const pauseBlocks = paused && deadline < this.gate.pauseEnds;
       if (deadline > now && !pauseBlocks && rateAt <= deadline) break;
-      // Counted in line also when it gives up: the retryAfter of those behind it is later.
-      ahead++;
       this.waiters.delete(waiter);
       if (pauseBlocks) waiter.reject(this.pauseError(now));
-      else if (rateAt > now) waiter.reject(this.rateError(now, this.policy.rateRetryAfter(now, ahead - 1)));
+      else if (rateAt > now) waiter.reject(this.rateError(now, this.policy.rateRetryAfter(now)));
       else waiter.reject(this.acquireError(timeout));
     }
   }
@@ -321,6 +332,9 @@ export class DestinationPool implements SlotOwner {
 
   private granted(entry: PoolEntry): void {
     this.grants--;
+    // An idle connection the pair's limits have tightened under (a rule, a learned limit) is spent:
+    // closed here, never put back idle (it would come straight back, and again, forever).
+    if (!(entry instanceof NoConnection) && entry.usable) entry.retireIfSpent();
     if (entry instanceof NoConnection || !entry.usable) {
       // A dial that produced nothing, or a connection the server closed while it sat idle.
       this.afterReturn(this.pool.destroy(entry));
@@ -329,26 +343,36 @@ export class DestinationPool implements SlotOwner {
     }
     this.idleConnections.delete(entry);
     const now = Date.now();
-    const waiter = this.waiters.values().next().value;
-    if (waiter && this.handOut(waiter, entry, now)) return;
+    if (this.handOut(entry, now)) return;
     this.toIdle(entry);
     // Paused with sends waiting: the wake timer must now be due at the pause's end.
     if (this.waiters.size > 0) this.dispatch();
   }
 
   /**
-   * Gives a connection to a send, with the recipients it may carry taken from the message rates;
-   * false when it cannot go now (a pause, no room in a rate), and the connection stays here.
+   * Gives a connection to the oldest send, with the recipients it may carry taken from the
+   * message rates; false when none can go now (a pause, a suspension, no room in a rate, no
+   * room left on the connection), and the connection stays here. Sends with nothing left to go
+   * are let go on the way.
    */
-  private handOut(waiter: Waiter, connection: CountingConnection, now: number): boolean {
-    if (this.gate.paused(now)) return false;
-    const recipients = Math.min(waiter.wants(), connection.capacity(), this.policy.messageRoom(now));
-    if (recipients < 1 && waiter.wants() > 0) return false;
-    this.policy.takeMessages(recipients, now);
-    this.waiters.delete(waiter);
-    this.lastHandout = now;
-    waiter.resolve({ connection, recipients });
-    return true;
+  private handOut(connection: CountingConnection, now: number): boolean {
+    if (this.gate.paused(now) || this.policy.suspendedUntil(now) !== undefined) return false;
+    for (const waiter of this.waiters) {
+      const wants = waiter.wants();
+      if (wants === 0) {
+        this.waiters.delete(waiter);
+        waiter.resolve(undefined);
+        continue;
+      }
+      const recipients = Math.min(wants, connection.capacity(), this.policy.messageRoom(now));
+      if (recipients < 1) return false;
+      const buckets = this.policy.takeMessages(recipients, now);
+      this.waiters.delete(waiter);
+      this.lastHandout = now;
+      waiter.resolve({ connection, recipients, buckets });
+      return true;
+    }
+    return false;
   }
 
   private toIdle(connection: CountingConnection): void {
@@ -419,6 +443,14 @@ export class DestinationPool implements SlotOwner {
     if (!this.idleConnections.delete(connection)) return false;
     // It stays in generic-pool's idle list, no longer usable: the next handout drops it.
     void connection.close('evicted');
+    return true;
+  }
+
+  /** Another connect within one dial (the next host, a plain-text retry) takes its own room in the connection rates. */
+  private connectAgain(): boolean {
+    const now = Date.now();
+    if (this.policy.connectionRoom(now) < 1) return false;
+    this.policy.takeConnection(now);
     return true;
   }
 
@@ -589,7 +621,14 @@ export class DestinationPool implements SlotOwner {
     this.dialing++;
     const startedAt = Date.now();
     try {
-      const connection = await this.connect({ owner: this, wanted: () => this.wantsDial(), signal: this.abort.signal });
+      const connection = await this.connect({
+        owner: this,
+        wanted: () => this.wantsDial(),
+        signal: this.abort.signal,
+        mayConnectAgain: () => this.connectAgain(),
+        // The reply rules read a greeting's (EHLO's, STARTTLS's) refusal before the gate does.
+        refused: (reply) => this.policy.observe([reply], Date.now()),
+      });
       // A connection taken over from another pool has a past there.
       if (takenOver(connection)) {
         this.adopted++;
@@ -604,8 +643,6 @@ export class DestinationPool implements SlotOwner {
       if (err instanceof SlotCancelled) return new NoConnection();
       this.totals.connectFailures++;
       const now = Date.now();
-      // The reply rules read the greeting's (or EHLO's, STARTTLS's) refusal before the gate does.
-      if (err instanceof DialFailure && err.replies.length > 0) this.policy.observe(err.replies, now);
       this.gate.failed(err, startedAt, now);
       this.freshFailure = new BindingPoolError('ECONNECT', `connecting to ${this.domain} failed: ${describeError(err)}`, {
         cause: err,

@@ -59,9 +59,14 @@ export class Router {
       const decision = await this.decide(binding, domain, options);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
       const failures: string[] = [];
-      const replies: string[] = [];
+      let firstConnect = true;
       let verdict: DialVerdict = 'unreachable';
       for (const hop of this.dialOrder(binding, decision.hops)) {
+        // Each connect after the first takes its own room in the pair's connection rates.
+        if (!firstConnect && !request.mayConnectAgain()) {
+          failures.push('maxConnectionRate has no room for another connect now');
+          break;
+        }
         const host = this.slots.host(binding.name, hop.host, hop.port);
         const target: ConnectionTarget = {
           ...hop,
@@ -83,7 +88,12 @@ export class Router {
         }
         try {
           // routing/tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
-          const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => CountingConnection.open(label, t, limits));
+          firstConnect = false;
+          let tries = 0;
+          const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => {
+            if (tries++ > 0 && !request.mayConnectAgain()) throw new Error('maxConnectionRate has no room for a plain-text retry now');
+            return CountingConnection.open(label, t, limits);
+          });
           host.record('connected', 0, backoff);
           host.attach(slot, connection, request.owner, reuseKey);
           return connection;
@@ -95,12 +105,12 @@ export class Router {
           slot.release();
           verdict = worse(verdict, dialVerdict(outcome, others, err));
           const said = serverReply(err);
-          if (said !== undefined) replies.push(said);
+          if (said !== undefined) request.refused(said);
           // Refused, timed out, greeted with 4xx/421, or no TLS where it is required: next host.
           failures.push(`${hop.servername ?? hop.host}[${hop.host}]:${hop.port}: ${describeError(err)}`);
         }
       }
-      throw new DialFailure(failures.join('; '), verdict, replies);
+      throw new DialFailure(failures.join('; '), verdict);
     };
   }
 

@@ -134,7 +134,6 @@ export class RateBucket {
     this.forget(now, rate);
     const guard = guardOf(rate.periodMs);
     const held = this.inWindow();
-    // The window admits the nth once that many of its takes (and, past them, whole periods) aged out.
     // Take number k beyond the room waits for the take N before it to age out: one of those in
     // the window, or (past them) one still to come, a whole period later again.
     let mustAge = nth - (rate.count - held - this.inFlight);

@@ -33,8 +33,13 @@ const DAY_MS = 86_400_000;
 export function warmupProblem(plan: unknown): { path: string; problem: string } | undefined {
   if (typeof plan !== 'object' || plan === null) return { path: '', problem: 'must be { start, steps }' };
   const { start, steps } = plan as Partial<WarmupPlan>;
-  if (typeof start !== 'string' || Number.isNaN(Date.parse(start)))
-    return { path: 'start', problem: `must be a date such as '2026-12-01', got ${JSON.stringify(start)}` };
+  // ISO 8601 only: Date.parse also takes 'Dec 1' and reads it in local time.
+  const iso = /^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2}))?$/;
+  if (typeof start !== 'string' || !iso.test(start) || Number.isNaN(Date.parse(start)))
+    return {
+      path: 'start',
+      problem: `must be an ISO date ('2026-12-01', UTC midnight) or date and time with its zone ('2026-12-01T09:00:00Z'), got ${JSON.stringify(start)}`,
+    };
   if (!Array.isArray(steps) || steps.length === 0)
     return { path: 'steps', problem: "must be a non-empty array of [day, rate], e.g. [[0, '200/d'], [3, '1000/d']]" };
   let previous = -1;

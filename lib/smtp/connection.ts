@@ -105,8 +105,8 @@ export class CountingConnection {
    * transaction's end. A message rate's takes are counted from it (shaping/rate.ts).
    */
   rcptsReadBy = 0;
-  /** The server's 4xx/5xx replies in the last transaction, each once (what reply rules read). */
-  refusals: readonly string[] = [];
+  /** The server's 4xx/5xx replies in the last transaction, each once, until read (what reply rules read). */
+  private refusals: readonly string[] = NO_REFUSALS;
   private readonly smtp: SMTPConnection;
   private ended = false;
   private readonly endWaiters: (() => void)[] = [];
@@ -354,6 +354,13 @@ export class CountingConnection {
         resolve();
       });
     });
+  }
+
+  /** The server's refusals in the transaction just ended, once: a later read (no transaction since) gets none. */
+  takeRefusals(): readonly string[] {
+    const refusals = this.refusals;
+    this.refusals = NO_REFUSALS;
+    return refusals;
   }
 
   /** Retires the connection when it has no room left under its limits (they may have tightened since its last transaction). */

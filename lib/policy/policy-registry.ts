@@ -1,0 +1,120 @@
+/**
+ * The pairs' policies (pair-policy.ts), and the rate buckets they share: one per scope a rate is
+ * declared in (Momentum's throttles are shared by reference the same way). A pair's policy is
+ * made on first use and kept while its pool lives or something is in force for it (a
+ * suspension, a rule's options, a learned limit, a trigger still counting).
+ */
+import { compileRule, RuleBook } from '../shaping/reply-rules';
+import { parseRate, RateBucket, type BucketStats, type Rate } from '../shaping/rate';
+import { Warmup, type WarmupStep } from '../shaping/warmup';
+import type { ResolvedOptions } from './options';
+import { PairPolicy, type PolicyEvents, type ShapingStats } from './pair-policy';
+import type { Binding, ScopeResolver } from './scopes';
+
+/** A rate bucket's figures with the warm-up step in force, for stats(). */
+export interface RateStats extends BucketStats {
+  kind: 'maxMessageRate' | 'maxConnectionRate';
+  warmup?: WarmupStep;
+}
+
+export class PolicyRegistry {
+  private readonly policies = new Map<string, PairPolicy>();
+  /** Policies whose pool was dropped while something was in force: looked at again at each drop. */
+  private readonly unpooled = new Set<string>();
+  private readonly buckets = new Map<string, { bucket: RateBucket; kind: RateStats['kind']; warmup?: Warmup }>();
+
+  constructor(
+    private readonly scopes: ScopeResolver,
+    private readonly emit: PolicyEvents,
+  ) {}
+
+  get(binding: Binding, domain: string): PairPolicy {
+    const key = `${binding.name}\0${domain}`;
+    let policy = this.policies.get(key);
+    this.unpooled.delete(key);
+    if (!policy) {
+      const rules = this.scopes.replyRulesFor(binding, domain).map(({ rule, path }) => compileRule(rule, path));
+      policy = new PairPolicy(
+        binding.name,
+        domain,
+        this.scopes.resolve(binding, domain),
+        this.messageBucketFor(binding, domain),
+        this.connectionBucketFor(binding, domain),
+        new RuleBook(rules),
+        this.emit,
+      );
+      this.policies.set(key, policy);
+    }
+    return policy;
+  }
+
+  /** The pair's pool was dropped: its policy goes too unless something is in force (then at a later drop, once it ends). */
+  release(binding: string, domain: string): void {
+    const now = Date.now();
+    this.unpooled.add(`${binding}\0${domain}`);
+    for (const key of this.unpooled) {
+      const policy = this.policies.get(key);
+      if (policy && !policy.dormant(now)) continue;
+      this.policies.delete(key);
+      this.unpooled.delete(key);
+    }
+  }
+
+  rateStats(now: number): RateStats[] {
+    const found: RateStats[] = [];
+    for (const { bucket, kind, warmup } of this.buckets.values()) {
+      const stats = bucket.stats(now);
+      if (!stats) continue;
+      found.push(warmup ? { kind, ...stats, warmup: warmup.stepAt(now) } : { kind, ...stats });
+    }
+    return found;
+  }
+
+  shapingStats(now: number): ShapingStats[] {
+    const found: ShapingStats[] = [];
+    for (const policy of this.policies.values()) {
+      const stats = policy.stats(now);
+      if (stats) found.push(stats);
+    }
+    return found;
+  }
+
+  close(): void {
+    for (const policy of this.policies.values()) policy.close();
+  }
+
+  private messageBucketFor(binding: Binding, domain: string): RateBucket | undefined {
+    const declared = this.scopes.declaration(binding, domain, ['maxMessageRate', 'warmup'] as const);
+    if (!declared) return undefined;
+    return this.shared('maxMessageRate', declared.path, (scope) => {
+      if (declared.name === 'warmup') {
+        const warmup = new Warmup(declared.value as NonNullable<ResolvedOptions['warmup']>);
+        return { bucket: new RateBucket(scope, (now) => warmup.rateAt(now)), warmup };
+      }
+      const rate = parseRateChecked(declared.value as string);
+      return { bucket: new RateBucket(scope, () => rate) };
+    });
+  }
+
+  private connectionBucketFor(binding: Binding, domain: string): RateBucket | undefined {
+    const declared = this.scopes.declaration(binding, domain, ['maxConnectionRate'] as const);
+    if (!declared) return undefined;
+    const rate = parseRateChecked(declared.value);
+    return this.shared('maxConnectionRate', declared.path, (scope) => ({ bucket: new RateBucket(scope, () => rate) }));
+  }
+
+  /** The bucket of a declaration, made once: every pair the scope covers shares it (Momentum's throttles). */
+  private shared(kind: RateStats['kind'], path: string, make: (scope: string) => { bucket: RateBucket; warmup?: Warmup }): RateBucket {
+    const key = `${kind}\0${path}`;
+    let entry = this.buckets.get(key);
+    // The global scope's path is '': named for stats and errors.
+    path ||= 'global';
+    if (!entry) this.buckets.set(key, (entry = { kind, ...make(path) }));
+    return entry.bucket;
+  }
+}
+
+/** A rate validate.ts has already accepted. */
+function parseRateChecked(text: string): Rate {
+  return parseRate(text) as Rate;
+}

@@ -236,26 +236,36 @@ describe("a pair's policy", () => {
     return { policy, events };
   };
 
-  test('learned per-connection limit: two 421s after the same k, never above the configured value, relaxed after LEARNED_LIMIT_MS', () => {
+  test('learned per-connection limit: a 421 after k, then one after k on a connection opened since; never above the configured value; relaxed after LEARNED_LIMIT_MS; dropped by a 421 after fewer', () => {
     const { policy } = policyFor({ defaultReplyRules: [] });
     const reply = '421 4.7.0 too many messages in this connection';
-    policy.learnFromClose(5, reply, 0);
+    policy.learnFromClose(5, 0, reply, 100);
+    // Another connection opened before that 421 (they ran in step): no evidence yet.
+    policy.learnFromClose(5, 50, reply, 110);
     expect(policy.limits.maxDeliveries).toBe(0);
-    policy.learnFromClose(5, reply, 10);
+    policy.learnFromClose(5, 105, reply, 200);
     expect(policy.limits.maxDeliveries).toBe(5);
-    expect(policy.stats(10)?.learned).toEqual({ maxDeliveriesPerConnection: 5, until: 10 + LEARNED_LIMIT_MS, reply });
-    policy.refresh(10 + LEARNED_LIMIT_MS);
+    expect(policy.stats(200)?.learned).toEqual({ maxDeliveriesPerConnection: 5, until: 200 + LEARNED_LIMIT_MS, reply });
+    policy.refresh(200 + LEARNED_LIMIT_MS);
     expect(policy.limits.maxDeliveries).toBe(0);
-    expect(policy.dormant(10 + LEARNED_LIMIT_MS)).toBe(true);
+    expect(policy.dormant(200 + LEARNED_LIMIT_MS)).toBe(true);
 
-    // Different k in a row (a rate throttle's 421s come after any number): nothing learned.
+    // Learned, then a 421 after fewer (a rate window's): dropped at once.
+    const dropped = policyFor({ defaultReplyRules: [] }).policy;
+    dropped.learnFromClose(6, 0, reply, 10);
+    dropped.learnFromClose(6, 20, reply, 30);
+    expect(dropped.limits.maxDeliveries).toBe(6);
+    dropped.learnFromClose(0, 40, reply, 50);
+    expect(dropped.limits.maxDeliveries).toBe(0);
+
+    // Different k in a row: nothing learned.
     const varied = policyFor({ defaultReplyRules: [] }).policy;
-    for (const [i, k] of [3, 7, 2, 9].entries()) varied.learnFromClose(k, reply, i);
+    for (const [i, k] of [3, 7, 2, 9].entries()) varied.learnFromClose(k, i * 10 + 5, reply, i * 10 + 10);
     expect(varied.limits.maxDeliveries).toBe(0);
 
     const configured = policyFor({ maxDeliveriesPerConnection: 4, defaultReplyRules: [] }).policy;
-    configured.learnFromClose(6, reply, 0);
-    configured.learnFromClose(6, reply, 1);
+    configured.learnFromClose(6, 0, reply, 10);
+    configured.learnFromClose(6, 20, reply, 30);
     expect(configured.limits.maxDeliveries).toBe(4);
   });
 

@@ -8,10 +8,11 @@
  * - a suspension from a reply rule: the pair sends nothing and opens nothing until it ends;
  * - stricter options from a rule's `set`, each for its rule's duration (several may hold at once:
  *   the strictest value of each applies, never looser than configured);
- * - a learned per-connection limit: a receiver that closed connections with a 421 after k
- *   deliveries, twice in a row with the same k (Exim's "421 too many messages in this
- *   connection"), gets k deliveries per connection for LEARNED_LIMIT_MS, then the configured value
- *   again (a receiver that still enforces it is learned again from two more 421s).
+ * - a learned per-connection limit: a receiver that closed a connection with a 421 after k
+ *   deliveries, and then closed one opened after that 421 after k again (Exim's "421 too many
+ *   messages in this connection"), gets k deliveries per connection for LEARNED_LIMIT_MS, then
+ *   the configured value again (a receiver that still enforces it is learned again). A 421
+ *   after fewer than k drops it at once: that receiver limits something else.
  *
  * A policy outlives its pool (a pool is dropped when idle; a suspension of two hours is not), so
  * the PolicyRegistry keeps it while something is in force.
@@ -189,13 +190,24 @@ export class PairPolicy {
   }
 
   /** A connection the receiver closed with a 421 after `k` deliveries: its per-connection limit, once seen twice. */
-  learnFromClose(k: number, reply: string, now: number): void {
+  learnFromClose(k: number, openedAt: number, reply: string, now: number): void {
+    // A 421 before the learned k (or before any delivery) says the receiver limits something else
+    // (a rate window, whose 421s come after any number): the learned limit was wrong.
+    if (this.learned && k < this.learned.k) {
+      poolLog('%s/%s: learned limit of %d dropped: a 421 after %d deliveries', this.binding, this.domain, this.learned.k, k);
+      this.learned = undefined;
+      this.recompute();
+    }
     const configured = this.options.maxDeliveriesPerConnection;
     if (k < 1 || (configured > 0 && k >= configured) || (this.learned && k >= this.learned.k)) return;
-    if (this.candidate?.k !== k || now - this.candidate.at > CANDIDATE_MS) {
+    const fresh = this.candidate === undefined || this.candidate.k !== k || now - this.candidate.at > CANDIDATE_MS;
+    if (fresh) {
       this.candidate = { k, at: now };
       return;
     }
+    // The second must come from a connection opened after the first 421: connections that ran in
+    // step under a receiver's rate window all meet its 421 after the same number.
+    if (openedAt <= this.candidate!.at) return;
     this.candidate = undefined;
     this.learned = { k, until: now + LEARNED_LIMIT_MS, reply };
     poolLog('%s/%s: learned %d deliveries per connection from "%s"', this.binding, this.domain, k, reply);

@@ -245,7 +245,7 @@ export class DestinationPool implements SlotOwner {
     const refusals = connection.takeRefusals();
     if (refusals.length > 0) this.policy.observe(refusals, now);
     this.gate.afterTransaction(connection, now);
-    if (connection.closingReply !== undefined && connection.deliveries > 0) this.policy.learnFromClose(connection.deliveries, connection.closingReply, now);
+    if (connection.closingReply !== undefined) this.policy.learnFromClose(connection.deliveries, connection.openedAt, connection.closingReply, now);
     // The pair's limits may have tightened under it (a rule, a learned limit).
     if (connection.usable) connection.retireIfSpent();
     if (connection.usable && this.live.size > this.policy.maxOutboundConnections) connection.retire('shaped');

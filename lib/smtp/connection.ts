@@ -91,6 +91,8 @@ const CLOSE_GRACE_MS = 2_000;
 
 export class CountingConnection {
   readonly id: string;
+  /** When it was opened (epoch ms). */
+  readonly openedAt = Date.now();
   readonly target: ConnectionTarget;
   /** The limits of the pool that holds it (a pool that takes it over from another sets its own). */
   limits: ConnectionLimits;

@@ -22,6 +22,8 @@ export type BindingPoolErrorCode =
   | 'ESUSPENDED'
   /** A `maxMessageRate` has no room for the send before its `acquireTimeout` ends. */
   | 'ERATE'
+  /** With `coordination`: the coordination store (Redis) failed and the send could not go in time. */
+  | 'ECOORDINATION'
   /** Every recipient was rejected permanently. */
   | 'EREJECTED'
   /** No recipient was accepted and at least one is pending. */

@@ -9,3 +9,4 @@ export const connectionLog = createDebug('nodemailer-binding-pool:connection');
 export const poolLog = createDebug('nodemailer-binding-pool:pool');
 export const deliveryLog = createDebug('nodemailer-binding-pool:delivery');
 export const transportLog = createDebug('nodemailer-binding-pool:transport');
+export const coordinationLog = createDebug('nodemailer-binding-pool:coordination');

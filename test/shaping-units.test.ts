@@ -230,8 +230,8 @@ describe("a pair's policy", () => {
     const binding = scopes.binding('default')!;
     const events: string[] = [];
     const rules = new RuleBook(scopes.replyRulesFor(binding, domain).map(({ rule, path }) => compileRule(rule, path)));
-    const policy = new PairPolicy('default', domain, scopes.resolve(binding, domain), undefined, undefined, rules, (name, e) =>
-      events.push(`${name} ${e.rule}`),
+    const policy = new PairPolicy('default', domain, scopes.resolve(binding, domain), undefined, undefined, rules, (name: string, e: object) =>
+      events.push(`${name} ${(e as { rule?: string }).rule}`),
     );
     return { policy, events };
   };

@@ -9,8 +9,9 @@
 import nodemailer, { type SendMailOptions, type Transporter } from 'nodemailer';
 import * as lib from '../lib';
 import type { BindingPoolOptions, BindingPoolSendError, BindingPoolSentMessageInfo, RecipientOutcome, SuspensionEvent } from '../lib';
-import { peakInWindow, PolicyServer, type PolicyServerOptions } from './support/policy-server';
+import { peakInWindow, type PolicyServer } from './support/policy-server';
 import { NO_DNS } from './support/send';
+import { closedAfterEach } from './support/harness';
 
 const figures: string[] = [];
 afterAll(() => console.log(`traffic shaping (server-side figures):\n${figures.join('\n')}`));
@@ -22,16 +23,7 @@ const note = (name: string, values: Record<string, unknown>): void => {
   );
 };
 
-const cleanups: (() => Promise<unknown>)[] = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup().catch(() => undefined);
-});
-
-async function server(options: PolicyServerOptions = {}): Promise<PolicyServer> {
-  const started = await PolicyServer.start(options);
-  cleanups.push(() => started.stop());
-  return started;
-}
+const { onCleanup, policyServer: server } = closedAfterEach();
 
 const ATTACHMENT = Buffer.alloc(30 * 1024, 'attachment bytes, not compressible enough to matter. ');
 
@@ -51,7 +43,7 @@ function mail(i: number, to: string, extra: SendMailOptions = {}): SendMailOptio
 
 function transport(options: BindingPoolOptions): { pool: lib.BindingPoolTransport; transporter: Transporter<BindingPoolSentMessageInfo> } {
   const pool = new lib.BindingPoolTransport({ dnsServers: NO_DNS, ...options });
-  cleanups.push(() => pool.close());
+  onCleanup(() => pool.close());
   return { pool, transporter: nodemailer.createTransport(pool) };
 }
 

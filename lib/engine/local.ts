@@ -16,7 +16,9 @@ import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type Pool
 import type { Recipient } from '../message/recipients';
 import { Router } from '../routing/router';
 import { PolicyRegistry, type RateStats } from '../policy/policy-registry';
-import type { ShapingStats } from '../policy/pair-policy';
+import type { LearnedEvent, ShapingStats, SuspensionEvent } from '../policy/pair-policy';
+import { RedisStore, type SharedEvent } from '../coordination/redis-store';
+import { ClusterLeases } from '../pool/cluster-leases';
 
 /** One message for the engine: what the transport hands over per sendMail. */
 export interface MessageJob {
@@ -67,6 +69,9 @@ export class LocalEngine extends EventEmitter implements Engine {
   private readonly router: Router;
   private readonly hosts = new HostSlots();
   private readonly policies: PolicyRegistry;
+  /** With `coordination`: the Redis store every process shares, and its subscription to the others' events. */
+  private readonly store: RedisStore | undefined;
+  private readonly sharing: Promise<void> | undefined;
 
   constructor(options: BindingPoolOptions) {
     super();
@@ -80,13 +85,23 @@ export class LocalEngine extends EventEmitter implements Engine {
       retries: checked.dnsRetries ?? DNS_OPTIONS.dnsRetries.default,
       maxEntries: checked.dnsCacheSize ?? DNS_OPTIONS.dnsCacheSize.default,
     });
-    this.router = new Router(this.mx, this.hosts);
-    this.policies = new PolicyRegistry(this.scopes, (name, event) => this.emit(name, event));
+    const coordination = checked.coordination;
+    this.store = coordination ? new RedisStore(coordination) : undefined;
+    const onFailure = coordination?.onFailure ?? 'wait';
+    const leases = this.store ? new ClusterLeases(this.store, onFailure) : undefined;
+    this.router = new Router(this.mx, this.hosts, leases);
+    this.policies = new PolicyRegistry(
+      this.scopes,
+      (name: string, event: unknown) => this.policyEvent(name, event),
+      this.store,
+      onFailure === 'wait' ? undefined : onFailure.processes,
+    );
+    this.sharing = this.store?.onEvent((event) => this.sharedEvent(event)).catch(() => undefined);
     this.registry = new PoolRegistry(
       (bindingName, domain) => {
         const binding = this.scopes.binding(bindingName)!;
         const policy = this.policies.get(binding, domain);
-        return { policy, connect: this.router.connectorFor(binding, domain, policy.options, policy.limits) };
+        return { policy, connect: this.router.connectorFor(binding, domain, policy.options, policy.limits), leases };
       },
       (summary: ConnectionSummary) => this.emit('connectionClosed', summary),
       (pool) => this.policies.release(pool.binding, pool.domain),
@@ -137,6 +152,30 @@ export class LocalEngine extends EventEmitter implements Engine {
   async close(): Promise<void> {
     await this.registry.close();
     this.policies.close();
+    await this.sharing;
+    await this.store?.close();
+  }
+
+  /** A pair's policy changed: the application hears of suspensions; with coordination, the other processes of local ones. */
+  private policyEvent(name: string, event: unknown): void {
+    if (name === 'learned') {
+      const e = event as LearnedEvent;
+      this.store?.publish({ type: 'learned', binding: e.binding, domain: e.domain, k: e.maxDeliveriesPerConnection, reply: e.reply, until: e.until });
+      return;
+    }
+    const e = event as SuspensionEvent;
+    if (name === 'suspended' && !e.fromCluster)
+      this.store?.publish({ type: 'suspended', binding: e.binding, domain: e.domain, rule: e.rule, reply: e.reply, until: e.until.getTime() });
+    this.emit(name, event);
+  }
+
+  /** Another process suspended a pair or learned a limit: in force here too. */
+  private sharedEvent(event: SharedEvent): void {
+    const binding = this.scopes.binding(event.binding);
+    if (!binding) return;
+    const policy = this.policies.get(binding, event.domain);
+    if (event.type === 'suspended') policy.applySuspension(event.rule ?? 'another process', event.reply, event.until);
+    else if (event.k !== undefined) policy.applyLearned(event.k, event.reply, event.until);
   }
 
   private async deliverDomain(

@@ -6,6 +6,7 @@ import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import type { SendMailOptions } from 'nodemailer';
 import type { ReplyRule } from '../shaping/reply-rules';
 import type { WarmupPlan } from '../shaping/warmup';
+import type { CoordinationOptions } from '../coordination/redis-store';
 
 /** Credentials for a relay route. */
 export interface RouteAuth {
@@ -196,6 +197,12 @@ export interface BindingPoolOptions extends ScopedOptions {
   maxReadAheadBytes?: number;
   /** Reply rules after every scope's `replyRules`: the built-in table (shaping/reply-rules.ts DEFAULT_REPLY_RULES) unless replaced; `[]` turns it off. */
   defaultReplyRules?: ReplyRule[];
+  /**
+   * Share connection caps, rates, suspensions and learned limits with every process that uses the
+   * same Redis and `keyPrefix` (coordination/redis-store.ts; needs the optional dependency
+   * ioredis). Default: none, every limit is this process's.
+   */
+  coordination?: CoordinationOptions;
   /**
    * Deliver from a worker thread, so composing messages (the application's thread) and speaking
    * SMTP (the worker) run on two cores. The options other than `selectBinding` must then be

@@ -18,7 +18,7 @@
  * the PolicyRegistry keeps it while something is in force.
  */
 import { poolLog } from '../log';
-import { RateBucket, type BucketStats, type Rate } from '../shaping/rate';
+import { RateBucket, type Bucket, type BucketStats, type Rate } from '../shaping/rate';
 import type { CompiledRule, ReplyRuleSettings, RuleBook, RuleMatch } from '../shaping/reply-rules';
 import type { ConnectionLimits, ResolvedOptions } from './options';
 
@@ -36,8 +36,8 @@ interface Override {
   reply: string;
   set: ReplyRuleSettings;
   until: number;
-  messageBucket?: RateBucket;
-  connectionBucket?: RateBucket;
+  messageBucket?: Bucket;
+  connectionBucket?: Bucket;
 }
 
 /** What `suspended` and `resumed` events carry. */
@@ -49,6 +49,17 @@ export interface SuspensionEvent {
   reply: string;
   /** When the suspension ends. */
   until: Date;
+  /** Set when the suspension came from another process (`coordination`). */
+  fromCluster?: true;
+}
+
+/** A limit this pair learned, for the other processes (`coordination`). */
+export interface LearnedEvent {
+  binding: string;
+  domain: string;
+  maxDeliveriesPerConnection: number;
+  reply: string;
+  until: number;
 }
 
 export interface ShapingStats {
@@ -61,7 +72,10 @@ export interface ShapingStats {
   effective: { maxOutboundConnections: number; maxDeliveriesPerConnection: number; maxRecipientsPerConnection: number; maxRecipientsPerTransaction: number };
 }
 
-export type PolicyEvents = (name: 'suspended' | 'resumed', event: SuspensionEvent) => void;
+export interface PolicyEvents {
+  (name: 'suspended' | 'resumed', event: SuspensionEvent): void;
+  (name: 'learned', event: LearnedEvent): void;
+}
 
 export class PairPolicy {
   /** The limits connections of this pair check, updated in place when what is in force changes. */
@@ -82,8 +96,8 @@ export class PairPolicy {
     readonly binding: string,
     readonly domain: string,
     readonly options: ResolvedOptions,
-    private readonly messageBucket: RateBucket | undefined,
-    private readonly connectionBucket: RateBucket | undefined,
+    private readonly messageBucket: Bucket | undefined,
+    private readonly connectionBucket: Bucket | undefined,
     rules: RuleBook,
     private readonly emit: PolicyEvents,
   ) {
@@ -130,7 +144,7 @@ export class PairPolicy {
   }
 
   /** Takes `n` recipients from every message bucket in force; returns them, to settle or refund there. */
-  takeMessages(n: number, now: number): RateBucket[] {
+  takeMessages(n: number, now: number): Bucket[] {
     const buckets = this.messageBuckets();
     for (const bucket of buckets) bucket.take(n, now);
     return buckets;
@@ -209,9 +223,22 @@ export class PairPolicy {
     // step under a receiver's rate window all meet its 421 after the same number.
     if (openedAt <= this.candidate!.at) return;
     this.candidate = undefined;
-    this.learned = { k, until: now + LEARNED_LIMIT_MS, reply };
+    this.applyLearned(k, reply, now + LEARNED_LIMIT_MS);
+    this.emit('learned', { binding: this.binding, domain: this.domain, maxDeliveriesPerConnection: k, reply, until: now + LEARNED_LIMIT_MS });
+  }
+
+  /** A per-connection limit learned here or by another process (`coordination`). */
+  applyLearned(k: number, reply: string, until: number): void {
+    if (this.learned && this.learned.k <= k && this.learned.until >= until) return;
+    this.learned = { k, until, reply };
     poolLog('%s/%s: learned %d deliveries per connection from "%s"', this.binding, this.domain, k, reply);
     this.recompute();
+  }
+
+  /** Another process's suspension of this pair (`coordination`): in force here too, announced as `fromCluster`. */
+  applySuspension(rule: string, reply: string, until: number): void {
+    if (this.suspension && this.suspension.until >= until) return;
+    this.suspend(rule, reply, until, true);
   }
 
   /** Nothing in force and nothing counting: the policy can go with its pool. */
@@ -252,12 +279,22 @@ export class PairPolicy {
     if (this.suspension) clearTimeout(this.suspension.timer);
   }
 
-  private suspend(rule: string, reply: string, until: number): void {
+  private suspend(rule: string, reply: string, until: number, fromCluster = false): void {
     if (this.suspension) clearTimeout(this.suspension.timer);
     this.suspension = { until, rule, reply, timer: this.resumeTimer(until) };
     this.recompute();
-    poolLog('%s/%s suspended until %s by %s: %s', this.binding, this.domain, new Date(until).toISOString(), rule, reply);
-    this.emit('suspended', { binding: this.binding, domain: this.domain, rule, reply, until: new Date(until) });
+    poolLog(
+      '%s/%s suspended until %s by %s%s: %s',
+      this.binding,
+      this.domain,
+      new Date(until).toISOString(),
+      rule,
+      fromCluster ? ' (another process)' : '',
+      reply,
+    );
+    const event: SuspensionEvent = { binding: this.binding, domain: this.domain, rule, reply, until: new Date(until) };
+    if (fromCluster) event.fromCluster = true;
+    this.emit('suspended', event);
   }
 
   /** A timer of its own, so that `resumed` comes when the suspension ends, sends or not (again if it fired early). */
@@ -286,7 +323,7 @@ export class PairPolicy {
     // The same rule again extends its override (its buckets keep what they counted).
     const previous = this.overrides.find((o) => o.source === source);
     const scope = `${source.name} (rule)`;
-    const bucket = (rate: Rate | undefined, existing: RateBucket | undefined): RateBucket | undefined =>
+    const bucket = (rate: Rate | undefined, existing: Bucket | undefined): Bucket | undefined =>
       rate ? (existing ?? new RateBucket(scope, () => rate)) : undefined;
     const next: Override = {
       source,
@@ -322,11 +359,11 @@ export class PairPolicy {
     this.nextExpiry = Math.min(...ends);
   }
 
-  private messageBuckets(): RateBucket[] {
+  private messageBuckets(): Bucket[] {
     return buckets(this.messageBucket, this.overrides, 'messageBucket');
   }
 
-  private connectionBuckets(): RateBucket[] {
+  private connectionBuckets(): Bucket[] {
     return buckets(this.connectionBucket, this.overrides, 'connectionBucket');
   }
 }
@@ -341,19 +378,19 @@ function strictest(configured: number, others: (number | undefined)[]): number {
   return value;
 }
 
-function buckets(declared: RateBucket | undefined, overrides: Override[], field: 'messageBucket' | 'connectionBucket'): RateBucket[] {
+function buckets(declared: Bucket | undefined, overrides: Override[], field: 'messageBucket' | 'connectionBucket'): Bucket[] {
   const found = declared ? [declared] : [];
   for (const override of overrides) if (override[field]) found.push(override[field]!);
   return found;
 }
 
-function room(list: RateBucket[], now: number): number {
+function room(list: Bucket[], now: number): number {
   let least = Infinity;
   for (const bucket of list) least = Math.min(least, bucket.room(now));
   return least;
 }
 
-function availableAt(list: RateBucket[], now: number, nth: number): number {
+function availableAt(list: Bucket[], now: number, nth: number): number {
   let latest = now;
   for (const bucket of list) latest = Math.max(latest, bucket.availableAt(now, nth));
   return latest;

@@ -5,7 +5,9 @@
  * suspension, a rule's options, a learned limit, a trigger still counting).
  */
 import { compileRule, RuleBook } from '../shaping/reply-rules';
-import { parseRate, RateBucket, type BucketStats, type Rate } from '../shaping/rate';
+import { parseRate, RateBucket, type Bucket, type BucketStats, type Rate } from '../shaping/rate';
+import { ClusterRateBucket } from '../shaping/cluster-rate';
+import type { RedisStore } from '../coordination/redis-store';
 import { Warmup, type WarmupStep } from '../shaping/warmup';
 import type { ResolvedOptions } from './options';
 import { PairPolicy, type PolicyEvents, type ShapingStats } from './pair-policy';
@@ -21,11 +23,14 @@ export class PolicyRegistry {
   private readonly policies = new Map<string, PairPolicy>();
   /** Policies whose pool was dropped while something was in force: looked at again at each drop. */
   private readonly unpooled = new Set<string>();
-  private readonly buckets = new Map<string, { bucket: RateBucket; kind: RateStats['kind']; warmup?: Warmup }>();
+  private readonly buckets = new Map<string, { bucket: Bucket; kind: RateStats['kind']; warmup?: Warmup }>();
 
   constructor(
     private readonly scopes: ScopeResolver,
     private readonly emit: PolicyEvents,
+    /** With `coordination`: the declared rate buckets are the cluster's (and, while Redis fails, each process's share). */
+    private readonly store?: RedisStore,
+    private readonly processes?: number,
   ) {}
 
   get(binding: Binding, domain: string): PairPolicy {
@@ -83,28 +88,33 @@ export class PolicyRegistry {
     for (const policy of this.policies.values()) policy.close();
   }
 
-  private messageBucketFor(binding: Binding, domain: string): RateBucket | undefined {
+  private messageBucketFor(binding: Binding, domain: string): Bucket | undefined {
     const declared = this.scopes.declaration(binding, domain, ['maxMessageRate', 'warmup'] as const);
     if (!declared) return undefined;
     return this.shared('maxMessageRate', declared.path, (scope) => {
       if (declared.name === 'warmup') {
         const warmup = new Warmup(declared.value as NonNullable<ResolvedOptions['warmup']>);
-        return { bucket: new RateBucket(scope, (now) => warmup.rateAt(now)), warmup };
+        return { bucket: this.bucket('maxMessageRate', scope, (now) => warmup.rateAt(now)), warmup };
       }
       const rate = parseRateChecked(declared.value as string);
-      return { bucket: new RateBucket(scope, () => rate) };
+      return { bucket: this.bucket('maxMessageRate', scope, () => rate) };
     });
   }
 
-  private connectionBucketFor(binding: Binding, domain: string): RateBucket | undefined {
+  private connectionBucketFor(binding: Binding, domain: string): Bucket | undefined {
     const declared = this.scopes.declaration(binding, domain, ['maxConnectionRate'] as const);
     if (!declared) return undefined;
     const rate = parseRateChecked(declared.value);
-    return this.shared('maxConnectionRate', declared.path, (scope) => ({ bucket: new RateBucket(scope, () => rate) }));
+    return this.shared('maxConnectionRate', declared.path, (scope) => ({ bucket: this.bucket('maxConnectionRate', scope, () => rate) }));
   }
 
   /** The bucket of a declaration, made once: every pair the scope covers shares it (Momentum's throttles). */
-  private shared(kind: RateStats['kind'], path: string, make: (scope: string) => { bucket: RateBucket; warmup?: Warmup }): RateBucket {
+  /** This process's bucket, or with `coordination` the cluster's (keyed by kind and scope, the same in every process). */
+  private bucket(kind: RateStats['kind'], scope: string, rateAt: (now: number) => Rate | undefined): Bucket {
+    return this.store ? new ClusterRateBucket(scope, rateAt, this.store, `${kind}:${scope}`, this.processes) : new RateBucket(scope, rateAt);
+  }
+
+  private shared(kind: RateStats['kind'], path: string, make: (scope: string) => { bucket: Bucket; warmup?: Warmup }): Bucket {
     const key = `${kind}\0${path}`;
     let entry = this.buckets.get(key);
     // The global scope's path is '': named for stats and errors.

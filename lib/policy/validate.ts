@@ -34,6 +34,7 @@ const TOP_LEVEL_KEYS = [
   'dnsServers',
   'deliveryThread',
   'defaultReplyRules',
+  'coordination',
 ];
 const TLS_POLICIES = ['no', 'ifavailable', 'required', 'verified'];
 const BINDING_KEYS = [...SCOPED_OPTION_NAMES, 'localAddress', 'name', 'domains'];
@@ -66,6 +67,7 @@ export function checkOptions(input: unknown): CheckedOptions {
     throw new ConfigError('selectBinding', 'must be a function');
   }
   if (options.defaultReplyRules !== undefined) checkReplyRules(options.defaultReplyRules, 'defaultReplyRules');
+  if (options.coordination !== undefined) checkCoordination(options.coordination, options.deliveryThread === true);
   if (options.deliveryThread !== undefined && typeof options.deliveryThread !== 'boolean') {
     throw new ConfigError('deliveryThread', `must be true or false, got ${show(options.deliveryThread)}`);
   }
@@ -217,6 +219,26 @@ function checkShaping(kind: string, value: unknown, path: string): void {
   } else if (kind === 'replyRules') {
     checkReplyRules(value, path);
   }
+}
+
+/** `coordination` (coordination/redis-store.ts). */
+function checkCoordination(value: unknown, thread: boolean): void {
+  const options = checkObject(value, 'coordination');
+  checkKeys(options, ['redis', 'keyPrefix', 'leaseTtl', 'commandTimeout', 'onFailure'], 'coordination');
+  const { redis, keyPrefix, leaseTtl, commandTimeout, onFailure } = options;
+  const isClient = typeof redis === 'object' && redis !== null && typeof (redis as { defineCommand?: unknown }).defineCommand === 'function';
+  if (typeof redis === 'string' ? !/^rediss?:\/\//.test(redis) : !isClient)
+    throw new ConfigError('coordination.redis', `must be a redis:// or rediss:// URL or an ioredis client, got ${show(redis)}`);
+  if (thread && typeof redis !== 'string')
+    throw new ConfigError('coordination.redis', 'must be a URL with deliveryThread (a client cannot cross to the delivery thread)');
+  if (keyPrefix !== undefined && typeof keyPrefix !== 'string') throw new ConfigError('coordination.keyPrefix', `must be a string, got ${show(keyPrefix)}`);
+  if (leaseTtl !== undefined && (!Number.isInteger(leaseTtl) || (leaseTtl as number) < 1_000))
+    throw new ConfigError('coordination.leaseTtl', `must be a whole number of milliseconds ≥ 1000, got ${show(leaseTtl)}`);
+  if (commandTimeout !== undefined && (!Number.isInteger(commandTimeout) || (commandTimeout as number) < 1))
+    throw new ConfigError('coordination.commandTimeout', `must be a whole number of milliseconds ≥ 1, got ${show(commandTimeout)}`);
+  const processes = (onFailure as { processes?: unknown } | undefined)?.processes;
+  if (onFailure !== undefined && onFailure !== 'wait' && !(Number.isInteger(processes) && (processes as number) >= 1))
+    throw new ConfigError('coordination.onFailure', `must be 'wait' or { processes: N } (N ≥ 1), got ${show(onFailure)}`);
 }
 
 const RULE_KEYS = ['name', 'match', 'action', 'duration', 'trigger'];

@@ -87,6 +87,8 @@ export class DialFailure extends Error {
   constructor(
     message: string,
     readonly verdict: DialVerdict,
+    /** Set when no host could be tried for want of a lease across processes: ask again in that many ms. */
+    readonly retryInMs?: number,
   ) {
     super(message);
     this.name = 'DialFailure';

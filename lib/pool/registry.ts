@@ -30,9 +30,10 @@ import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from '../errors';
 import { describeTarget, type CountingConnection, type RetireReason } from '../smtp/connection';
 import { DialGate } from './dial-gate';
-import { offerIdle, SlotCancelled, takenOver, type SlotOwner } from './host-slots';
+import { DialFailure, offerIdle, SlotCancelled, takenOver, type SlotOwner } from './host-slots';
 import type { PairPolicy } from '../policy/pair-policy';
-import type { RateBucket } from '../shaping/rate';
+import type { ClusterLeases } from './cluster-leases';
+import type { Bucket } from '../shaping/rate';
 import { poolLog } from '../log';
 
 /** What a dial needs from its pool: who owns the connection, whether it is still wanted, and when to give up. */
@@ -56,6 +57,8 @@ export interface PoolSpec {
   /** The pair's policy: its resolved options, and what rules, rates and learned limits add to them. */
   policy: PairPolicy;
   connect: Connector;
+  /** With `coordination`: the pair's connections also need a lease across processes. */
+  leases?: ClusterLeases;
 }
 
 /** A connection handed to a send, and how many recipients it may carry in its transaction (taken from the pair's rates). */
@@ -63,7 +66,7 @@ export interface Grant {
   connection: CountingConnection;
   recipients: number;
   /** The rate buckets the recipients were taken from: settled or given back there. */
-  buckets: readonly RateBucket[];
+  buckets: readonly Bucket[];
 }
 
 /** A connection's life, reported when it closes. */
@@ -134,6 +137,9 @@ export class DestinationPool implements SlotOwner {
   readonly domain: string;
   readonly policy: PairPolicy;
   private readonly connect: Connector;
+  private readonly leases: ClusterLeases | undefined;
+  /** No dial before this: the cluster held every lease of the pair, or Redis failed. */
+  private clusterWaitUntil = 0;
   private readonly pool: Pool<PoolEntry>;
   private readonly gate: DialGate;
   /** Connections from open until their socket is gone; `idle` those in generic-pool's idle list. */
@@ -174,6 +180,7 @@ export class DestinationPool implements SlotOwner {
     this.domain = domain;
     this.policy = spec.policy;
     this.connect = spec.connect;
+    this.leases = spec.leases;
     this.gate = new DialGate(spec.policy.options);
     const { idleTimeout } = this.policy.options;
     this.pool = createPool<PoolEntry>(
@@ -279,6 +286,7 @@ export class DestinationPool implements SlotOwner {
   }
 
   private mayDial(now: number): boolean {
+    if (now < this.clusterWaitUntil) return false;
     return this.live.size + this.dialing < this.policy.maxOutboundConnections && this.gate.mayDial(now, this.dialing) && this.policy.connectionRoom(now) >= 1;
   }
 
@@ -475,8 +483,9 @@ export class DestinationPool implements SlotOwner {
     let due = Math.max(oldest.since, this.lastHandout) + this.policy.options.acquireTimeout;
     // A pause ends, or a backoff: what waits may go then (a pause holds idle connections back too).
     if (this.gate.reopensAt > now) due = Math.min(due, this.gate.reopensAt);
-    // A rate has room again: for the oldest send, or for a dial.
+    // A rate has room again: for the oldest send, or for a dial; the cluster may have a lease.
     if (this.waiters.size > this.grants) {
+      if (this.clusterWaitUntil > now) due = Math.min(due, this.clusterWaitUntil);
       const messagesAt = this.policy.messageAvailableAt(now);
       if (messagesAt > now) due = Math.min(due, messagesAt);
       const dialAt = this.policy.connectionAvailableAt(now);
@@ -497,6 +506,14 @@ export class DestinationPool implements SlotOwner {
   }
 
   private acquireError(timeout: number): BindingPoolError {
+    const failure = this.leases?.failure;
+    if (failure) {
+      return new BindingPoolError(
+        'ECOORDINATION',
+        `no connection to ${this.domain} within ${timeout} ms: a dial needs a lease from the coordination store (Redis), which fails: ${describeError(failure)}`,
+        { cause: failure },
+      );
+    }
     return new BindingPoolError('EACQUIRE', `no connection to ${this.domain} became free within ${timeout} ms (the pool handed none to any send in that time)`);
   }
 
@@ -620,6 +637,12 @@ export class DestinationPool implements SlotOwner {
   private async create(): Promise<PoolEntry> {
     this.dialing++;
     const startedAt = Date.now();
+    const lease = await this.leases?.take(`pair:${this.binding}:${this.domain}`, this.policy.maxOutboundConnections, this.live.size + this.dialing);
+    if (lease && !lease.granted) {
+      this.dialing--;
+      this.clusterWaitUntil = Date.now() + lease.retryInMs;
+      return new NoConnection();
+    }
     try {
       const connection = await this.connect({
         owner: this,
@@ -638,9 +661,16 @@ export class DestinationPool implements SlotOwner {
       }
       this.live.add(connection);
       this.gate.connected(connection);
+      lease?.holdFor(connection);
       return connection;
     } catch (err) {
+      lease?.release();
       if (err instanceof SlotCancelled) return new NoConnection();
+      if (err instanceof DialFailure && err.retryInMs !== undefined) {
+        // Not a failure of the destination: the cluster holds every lease on its host for now.
+        this.clusterWaitUntil = Date.now() + err.retryInMs;
+        return new NoConnection();
+      }
       this.totals.connectFailures++;
       const now = Date.now();
       this.gate.failed(err, startedAt, now);

@@ -12,9 +12,10 @@ import { CountingConnection, type ConnectionTarget } from '../smtp/connection';
 import type { Binding } from '../policy/scopes';
 import type { MxAnswer, MxResolver } from './mx-resolver';
 import type { ConnectionLimits, ResolvedOptions } from '../policy/options';
-import type { Connector } from '../pool/registry';
+import type { Connector, DialRequest } from '../pool/registry';
 import { tlsPlan, withPlainTextRetry, type TlsPlan } from './tls-policy';
 import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots } from '../pool/host-slots';
+import type { ClusterLeases } from '../pool/cluster-leases';
 
 /** Everything a connection needs that depends on the host it goes to. */
 type Hop = Pick<
@@ -25,6 +26,24 @@ type Hop = Pick<
     /** MX preference (0 for a route): lower first. */
     priority: number;
   };
+
+/** What a pair's dials share: its binding, options and limits, and the reuse key per host. */
+interface PairDial {
+  binding: Binding;
+  domain: string;
+  options: ResolvedOptions;
+  limits: ConnectionLimits;
+  label: string;
+  backoff: { first: number; max: number };
+  reuseKeys: Map<string, string>;
+}
+
+/** Why one host of a dial gave no connection; `leaseRetryMs` when only a lease across processes was missing. */
+interface HopFailure {
+  failure: string;
+  verdict: DialVerdict;
+  leaseRetryMs?: number;
+}
 
 /**
  * Where a domain's recipients go: hosts to try, or a verdict reached without connecting (with
@@ -37,6 +56,8 @@ export class Router {
   constructor(
     private readonly mx: MxResolver,
     private readonly slots: HostSlots,
+    /** With `coordination`: each connection also needs a lease on its host across processes. */
+    private readonly leases?: ClusterLeases,
   ) {}
 
   async decide(binding: Binding, domain: string, options: ResolvedOptions): Promise<RouteDecision> {
@@ -52,66 +73,101 @@ export class Router {
    * `limits` is the pair's policy's object: connections read it as it changes (pair-policy.ts).
    */
   connectorFor(binding: Binding, domain: string, options: ResolvedOptions, limits: ConnectionLimits): Connector {
-    const label = `${binding.name}/${domain}`;
-    const backoff = { first: options.connectBackoff, max: options.maxConnectBackoff };
-    const reuseKeys = new Map<string, string>();
+    const pair: PairDial = {
+      binding,
+      domain,
+      options,
+      limits,
+      label: `${binding.name}/${domain}`,
+      backoff: { first: options.connectBackoff, max: options.maxConnectBackoff },
+      reuseKeys: new Map<string, string>(),
+    };
     return async (request) => {
       const decision = await this.decide(binding, domain, options);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
       const failures: string[] = [];
-      let firstConnect = true;
+      let connected = false;
+      let leaseWaits = 0;
+      let leaseRetryMs = Infinity;
       let verdict: DialVerdict = 'unreachable';
       for (const hop of this.dialOrder(binding, decision.hops)) {
         // Each connect after the first takes its own room in the pair's connection rates.
-        if (!firstConnect && !request.mayConnectAgain()) {
+        if (connected && !request.mayConnectAgain()) {
           failures.push('maxConnectionRate has no room for another connect now');
           break;
         }
-        const host = this.slots.host(binding.name, hop.host, hop.port);
-        const target: ConnectionTarget = {
-          ...hop,
-          localAddress: binding.localAddress,
-          ehloName: binding.ehloName,
-          connectionTimeout: options.connectionTimeout,
-          greetingTimeout: options.greetingTimeout,
-          socketTimeout: options.socketTimeout,
-        };
-        // Everything in the key but the hop's address comes from this pair's options: computed once per host.
-        const hostKey = `${hop.host}:${hop.port}:${hop.servername ?? ''}`;
-        let reuseKey = reuseKeys.get(hostKey);
-        if (reuseKey === undefined) reuseKeys.set(hostKey, (reuseKey = reuseKeyOf(target, hop.plainTextRetry)));
-        const { slot, adopted } = await host.take({ ...request, cap: options.maxHostConnections, reuseKey, limits });
-        if (adopted) {
-          // Another pool's open connection to this host, with this pool's limits from now on.
-          adopted.limits = limits;
-          return adopted;
-        }
-        try {
-          // routing/tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
-          firstConnect = false;
-          let tries = 0;
-          const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => {
-            if (tries++ > 0 && !request.mayConnectAgain()) throw new Error('maxConnectionRate has no room for a plain-text retry now');
-            return CountingConnection.open(label, t, limits);
-          });
-          host.record('connected', 0, backoff);
-          host.attach(slot, connection, request.owner, reuseKey);
-          return connection;
-        } catch (err) {
-          // Recorded before the slot goes, so that a backoff keeps the host's entry.
-          const others = host.held - 1;
-          const outcome = dialOutcome(err);
-          host.record(outcome, others, backoff);
-          slot.release();
-          verdict = worse(verdict, dialVerdict(outcome, others, err));
-          const said = serverReply(err);
-          if (said !== undefined) request.refused(said);
-          // Refused, timed out, greeted with 4xx/421, or no TLS where it is required: next host.
-          failures.push(`${hop.servername ?? hop.host}[${hop.host}]:${hop.port}: ${describeError(err)}`);
+        const result = await this.tryHop(pair, hop, request);
+        if (result instanceof CountingConnection) return result;
+        failures.push(result.failure);
+        if (result.leaseRetryMs !== undefined) {
+          leaseWaits++;
+          leaseRetryMs = Math.min(leaseRetryMs, result.leaseRetryMs);
+        } else {
+          connected = true;
+          verdict = worse(verdict, result.verdict);
         }
       }
-      throw new DialFailure(failures.join('; '), verdict);
+      // Only leases held elsewhere stopped it: the pool asks again in a moment, no backoff.
+      const onlyLeases = leaseWaits > 0 && leaseWaits === failures.length;
+      throw new DialFailure(failures.join('; '), onlyLeases ? 'crowded' : verdict, onlyLeases ? leaseRetryMs : undefined);
     };
+  }
+
+  /** One host of a dial: a slot on it (or another pool's idle connection there), a lease with coordination, the connect. */
+  private async tryHop(pair: PairDial, hop: Hop, request: DialRequest): Promise<CountingConnection | HopFailure> {
+    const { binding, domain, options, limits } = pair;
+    const host = this.slots.host(binding.name, hop.host, hop.port);
+    const target: ConnectionTarget = {
+      ...hop,
+      localAddress: binding.localAddress,
+      ehloName: binding.ehloName,
+      connectionTimeout: options.connectionTimeout,
+      greetingTimeout: options.greetingTimeout,
+      socketTimeout: options.socketTimeout,
+    };
+    // Everything in the key but the hop's address comes from this pair's options: computed once per host.
+    const hostKey = `${hop.host}:${hop.port}:${hop.servername ?? ''}`;
+    let reuseKey = pair.reuseKeys.get(hostKey);
+    // With coordination a connection's pair lease is its pool's: no other pool takes it over.
+    if (reuseKey === undefined) pair.reuseKeys.set(hostKey, (reuseKey = reuseKeyOf(target, hop.plainTextRetry) + (this.leases ? `\0${domain}` : '')));
+    const { slot, adopted } = await host.take({ ...request, cap: options.maxHostConnections, reuseKey, limits });
+    if (adopted) {
+      // Another pool's open connection to this host, with this pool's limits from now on.
+      adopted.limits = limits;
+      return adopted;
+    }
+    const hostLease = await this.leases?.take(`host:${binding.name}:${hop.host}:${hop.port}`, options.maxHostConnections, host.held);
+    if (hostLease && !hostLease.granted) {
+      slot.release();
+      return {
+        failure: `${hop.host}:${hop.port}: no lease free across processes (maxHostConnections ${options.maxHostConnections})`,
+        verdict: 'crowded',
+        leaseRetryMs: hostLease.retryInMs,
+      };
+    }
+    try {
+      // routing/tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
+      let tries = 0;
+      const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => {
+        if (tries++ > 0 && !request.mayConnectAgain()) throw new Error('maxConnectionRate has no room for a plain-text retry now');
+        return CountingConnection.open(pair.label, t, limits);
+      });
+      host.record('connected', 0, pair.backoff);
+      host.attach(slot, connection, request.owner, reuseKey);
+      hostLease?.holdFor(connection);
+      return connection;
+    } catch (err) {
+      hostLease?.release();
+      // Recorded before the slot goes, so that a backoff keeps the host's entry.
+      const others = host.held - 1;
+      const outcome = dialOutcome(err);
+      host.record(outcome, others, pair.backoff);
+      slot.release();
+      const said = serverReply(err);
+      if (said !== undefined) request.refused(said);
+      // Refused, timed out, greeted with 4xx/421, or no TLS where it is required: next host.
+      return { failure: `${hop.servername ?? hop.host}[${hop.host}]:${hop.port}: ${describeError(err)}`, verdict: dialVerdict(outcome, others, err) };
+    }
   }
 
   private dialOrder(binding: Binding, hops: Hop[]): Hop[] {

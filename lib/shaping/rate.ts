@@ -55,7 +55,7 @@ const UNIT_MS: Record<string, number> = {
 export const MAX_RATE_COUNT = 1_000_000;
 
 /** How much longer than its period a window holds its takes (see above). */
-function guardOf(periodMs: number): number {
+export function guardOf(periodMs: number): number {
   return Math.min(1_000, Math.max(5, periodMs / 100));
 }
 
@@ -94,11 +94,23 @@ export interface BucketStats {
   available: number;
 }
 
+/** What a pair's policy needs of a rate bucket: this process's (RateBucket) or the cluster's (cluster-rate.ts). */
+export interface Bucket {
+  readonly scope: string;
+  rateAt(now: number): Rate | undefined;
+  room(now: number): number;
+  availableAt(now: number, nth?: number): number;
+  take(n: number, now: number): void;
+  settle(n: number, at: number): void;
+  refund(n: number, now: number): void;
+  stats(now: number): BucketStats | undefined;
+}
+
 /**
  * One rate's bucket, shared by every pair its declaration covers. `rateAt` gives the rate in force
  * (a warm-up plan changes it by date; undefined: no limit now).
  */
-export class RateBucket {
+export class RateBucket implements Bucket {
   /** Times of the takes still inside the longest period, oldest first, from `head`. */
   private times: number[] = [];
   private head = 0;

@@ -1,5 +1,6 @@
 /** Per-test setup shared by the test files: servers and transports closed after each test. */
 import type { BindingPoolOptions, BindingPoolSendError, BindingPoolSentMessageInfo } from '../../lib';
+import { PolicyServer, type PolicyServerOptions } from './policy-server';
 import { RecordingServer, type Behaviour } from './recording-server';
 import { makeTransport } from './send';
 
@@ -16,6 +17,12 @@ export function closedAfterEach() {
     /** Runs `close` after the test. */
     onCleanup(close: () => Promise<unknown>): void {
       cleanups.push(close);
+    },
+    /** A PolicyServer (per-IP caps, refusals, replies at MAIL FROM, timestamps), stopped after the test. */
+    async policyServer(options: PolicyServerOptions = {}): Promise<PolicyServer> {
+      const server = await PolicyServer.start(options);
+      cleanups.push(() => server.stop());
+      return server;
     },
     async startServer(behaviour: Behaviour = {}, port = 0): Promise<RecordingServer> {
       const server = await RecordingServer.start('127.0.0.1', behaviour, port);

@@ -46,10 +46,12 @@ async function main(): Promise<void> {
   const raw = buildRawMessage();
   const base: BindingPoolOptions = { dnsServers: ['127.0.0.1:1'], route: { host: sink.host, port: sink.port }, maxOutboundConnections: 5 };
   const coordination = { redis: redis.url, keyPrefix: 'nbp-bench:' };
+  const rate = { maxMessageRate: '1000000/s' };
   const candidates: [string, BindingPoolOptions][] = [
     ['without', base],
     ['coordination', { ...base, coordination }],
-    ['coordination + rate', { ...base, coordination, maxMessageRate: '1000000/s' }],
+    ['rate, this process only', { ...base, ...rate }],
+    ['coordination + rate', { ...base, coordination, ...rate }],
   ];
   const rates = new Map<string, number[]>(candidates.map(([name]) => [name, []]));
   try {
@@ -69,9 +71,13 @@ async function main(): Promise<void> {
   }
   const without = median(rates.get('without')!);
   console.log(`\n${SENDS} sends per round, window ${WINDOW}, ${sink.kind}, ${ROUNDS} rounds; medians:`);
+  const localRate = median(rates.get('rate, this process only')!);
+  console.log('| candidate | msg/s | × without | × the same rate without coordination |');
+  console.log('|---|---:|---:|---:|');
   for (const [name] of candidates) {
     const value = median(rates.get(name)!);
-    console.log(`| ${name} | ${value.toFixed(0)} msg/s | × without ${(value / without).toFixed(2)} |`);
+    const sameRate = name === 'coordination + rate' ? (value / localRate).toFixed(2) : '';
+    console.log(`| ${name} | ${value.toFixed(0)} | ${(value / without).toFixed(2)} | ${sameRate} |`);
   }
 }
 

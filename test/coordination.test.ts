@@ -207,6 +207,18 @@ describe('shared suspensions and learned limits', () => {
   }, 20_000);
 });
 
+describe('with deliveryThread', () => {
+  test('two transports delivering from worker threads share maxOutboundConnections 1: the server never sees 2 sessions', async () => {
+    const receiver = await server();
+    const options = processOptions(receiver, 'nbp-test-thread:', { deliveryThread: true, maxOutboundConnections: 1 });
+    const [a, b] = [transport(options), transport(options)];
+    const [first, second] = await Promise.all([sendAll(a.transporter, 15, 'ta'), sendAll(b.transporter, 15, 'tb')]);
+    note('deliveryThread, cap 1 across 2 transports', { accepted: first.accepted + second.accepted, peakSessions: receiver.counts(SOURCE).peakSessions });
+    expect(first.accepted + second.accepted).toBe(30);
+    expect(receiver.counts(SOURCE).peakSessions).toBe(1);
+  }, 20_000);
+});
+
 describe('when Redis fails', () => {
   test("Redis killed in the middle of a batch and restarted 1 s later ('wait'): the sends wait, then all are delivered, each once, no unhandled error", async () => {
     const receiver = await server();
@@ -292,7 +304,7 @@ describe('without coordination', () => {
 
   test.each([
     [{ coordination: { redis: 'localhost:6379' } }, /^coordination\.redis: must be a redis:\/\/ or rediss:\/\/ URL/],
-    [{ coordination: { redis: 'redis://127.0.0.1', leaseTtl: 10 } }, /coordination\.leaseTtl: must be a whole number of milliseconds ≥ 1000/],
+    [{ coordination: { redis: 'redis://127.0.0.1', leaseTtl: 10 } }, /coordination\.leaseTtl: must be a whole number of milliseconds from 1000/],
     [{ coordination: { redis: 'redis://127.0.0.1', onFailure: 'panic' } }, /coordination\.onFailure: must be 'wait' or \{ processes: N \}/],
     [{ coordination: { redis: 'redis://127.0.0.1', keyPrefx: 'x' } }, /coordination\.keyPrefx: unknown option/],
     [{ deliveryThread: true, coordination: { redis: { defineCommand: () => undefined } } }, /coordination\.redis: must be a URL with deliveryThread/],

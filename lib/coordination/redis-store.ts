@@ -71,13 +71,24 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
 end
 return 0`;
 
+/**
+ * ARGV: ttl, then id and cap per key. A lease that is gone (Redis restarted, renewals failed
+ * past the TTL) is taken again when the cap has room; the ids that could not be are returned.
+ */
 const LEASE_RENEW = `${NOW}
 local ttl = tonumber(ARGV[1])
+local lost = {}
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  local id, cap = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+  if redis.call('ZSCORE', key, id) then
+    redis.call('ZADD', key, now + ttl, id)
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) < cap then redis.call('ZADD', key, now + ttl, id) else lost[#lost + 1] = id end
+  end
   redis.call('PEXPIRE', key, 2 * ttl)
 end
-return #KEYS`;
+return lost`;
 
 /** Returns { now, granted, retry-at (0 when all were granted) }. */
 const RATE_TAKE = `${NOW}
@@ -107,6 +118,9 @@ type Script = (...args: (string | number)[]) => Promise<unknown>;
 export interface Lease {
   readonly key: string;
   readonly id: string;
+  readonly cap: number;
+  /** Called when the lease was lost (gone from Redis and the cap full again): its connection must close. */
+  onLost?: () => void;
 }
 
 /** A shaping event other processes apply (pair-policy.ts). */
@@ -133,8 +147,12 @@ export class RedisStore {
   private readonly held = new Map<string, Lease>();
   private readonly renewTimer: NodeJS.Timeout;
   private nextId = 1;
+  /** Settles waiting to be sent, per bucket: member, local time, member, local time… */
+  private readonly settling = new Map<string, string[]>();
+  private settleScheduled = false;
   /** Redis time minus local time, from the last script that returned Redis's clock. */
   private offset = 0;
+  private closed = false;
   /** The last failure, while Redis fails (cleared by a command that succeeds). */
   failure: Error | undefined;
 
@@ -170,7 +188,7 @@ export class RedisStore {
     const id = `${this.origin}:${this.nextId++}`;
     const granted = await this.run(() => this.script('nbpLeaseTake')(key, cap, this.leaseTtl, id));
     if (granted !== 1) return undefined;
-    const lease = { key, id };
+    const lease: Lease = { key, id, cap };
     this.held.set(id, lease);
     return lease;
   }
@@ -193,11 +211,28 @@ export class RedisStore {
     return { members: Array.from({ length: granted }, (_, i) => `${prefix}${i + 1}`), retryAt: retry > 0 ? retry - this.offset : undefined };
   }
 
-  /** Takes that reached the server by `at` (local time): they age from then. */
+  /**
+   * Takes that reached the server by `at` (local time): they age from then. Sent together, one
+   * script per bucket per event-loop turn, not one per transaction.
+   */
   settleRate(name: string, members: readonly string[], at: number): void {
     if (members.length === 0) return;
-    const args = members.flatMap((m) => [m, at]);
-    this.script('nbpRateSettle')(`${this.keyPrefix}rate:${name}`, this.offset, ...args).catch((err: unknown) => this.failed(err as Error));
+    let pending = this.settling.get(name);
+    if (!pending) this.settling.set(name, (pending = []));
+    for (const member of members) pending.push(member, String(at));
+    if (!this.settleScheduled) {
+      this.settleScheduled = true;
+      setImmediate(() => this.flushSettles());
+    }
+  }
+
+  private flushSettles(): void {
+    this.settleScheduled = false;
+    const script = this.script('nbpRateSettle');
+    for (const [name, args] of this.settling) {
+      script(`${this.keyPrefix}rate:${name}`, this.offset, ...args).catch((err: unknown) => this.failed(err as Error));
+    }
+    this.settling.clear();
   }
 
   refundRate(name: string, members: readonly string[]): void {
@@ -216,26 +251,36 @@ export class RedisStore {
 
   /** Calls `handler` with every other process's events, those still in force first. */
   async onEvent(handler: (event: SharedEvent) => void): Promise<void> {
-    const deliver = (message: string): void => {
-      const event = JSON.parse(message) as SharedEvent;
-      if (event.origin !== this.origin && event.until > Date.now()) handler(event);
+    const deliver = (message: string): boolean => {
+      const event = parseEvent(message);
+      if (!event) coordinationLog('ignored a malformed event: %s', message.slice(0, 200));
+      else if (event.origin !== this.origin && event.until > Date.now()) handler(event);
+      return event !== undefined && event.until > Date.now();
     };
     // A connection of its own (a subscribed one can do nothing else), resubscribed by ioredis after a reconnect.
     this.subscriber = this.client.duplicate({ commandTimeout: undefined, maxRetriesPerRequest: null });
     this.subscriber.on('error', (err) => this.failed(err as Error));
     this.subscriber.on('message', (_channel, message) => deliver(message as string));
+    if (this.closed) return;
     await this.run(() => this.subscriber!.subscribe(`${this.keyPrefix}events`));
     const stored = await this.run(() => this.client.hgetall(`${this.keyPrefix}shaping`));
-    for (const message of Object.values(stored)) deliver(message);
+    // Those no longer in force go (the hash holds one field per pair that ever had one).
+    const ended = Object.entries(stored)
+      .filter(([, message]) => !deliver(message))
+      .map(([field]) => field);
+    if (ended.length > 0)
+      (this.client.hdel as (key: string, ...fields: string[]) => Promise<unknown>)(`${this.keyPrefix}shaping`, ...ended).catch(() => undefined);
   }
 
   /** Lets go of every lease this process holds and of its connections to Redis. */
   async close(): Promise<void> {
+    this.closed = true;
+    // First: a subscription still waiting for Redis gives up, so that nothing waits on it.
+    this.subscriber?.disconnect();
     clearInterval(this.renewTimer);
     const leases = [...this.held.values()];
     this.held.clear();
     await Promise.all(leases.map((l) => this.client.zrem(l.key, l.id).catch(() => undefined)));
-    this.subscriber?.disconnect();
     if (this.ownsClient) this.client.disconnect();
   }
 
@@ -243,7 +288,14 @@ export class RedisStore {
     if (this.held.size === 0) return;
     const leases = [...this.held.values()];
     const script = this.script('nbpLeaseRenew');
-    await this.run(() => script(leases.length, ...leases.map((l) => l.key), this.leaseTtl, ...leases.map((l) => l.id))).catch(() => undefined);
+    const lost = (await this.run(() => script(leases.length, ...leases.map((l) => l.key), this.leaseTtl, ...leases.flatMap((l) => [l.id, l.cap]))).catch(
+      () => [],
+    )) as string[];
+    for (const id of lost) {
+      const lease = this.held.get(id);
+      coordinationLog('lease %s lost (gone from Redis, the cap is full again): its connection closes', id);
+      lease?.onLost?.();
+    }
   }
 
   private script(name: string): Script {
@@ -269,8 +321,24 @@ export class RedisStore {
   }
 }
 
+/** A shaping event from the channel or the hash, checked field by field; undefined when it is not one. */
+function parseEvent(message: string): SharedEvent | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(message);
+  } catch {
+    return undefined;
+  }
+  const e = value as Partial<SharedEvent> | null;
+  if (!e || (e.type !== 'suspended' && e.type !== 'learned')) return undefined;
+  if (typeof e.binding !== 'string' || typeof e.domain !== 'string' || typeof e.reply !== 'string' || typeof e.origin !== 'string') return undefined;
+  if (typeof e.until !== 'number' || !Number.isFinite(e.until)) return undefined;
+  if (e.type === 'learned' && !(Number.isInteger(e.k) && (e.k as number) >= 1)) return undefined;
+  return e as SharedEvent;
+}
+
 /** ioredis, loaded only when coordination is configured; a clear error when it is not installed. */
-function loadIoredis(): new (url: string, options: object) => unknown {
+export function loadIoredis(): new (url: string, options: object) => unknown {
   try {
     const required = createRequire(__filename)('ioredis') as { default?: unknown };
     return (required.default ?? required) as new (url: string, options: object) => unknown;

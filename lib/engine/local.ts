@@ -58,7 +58,8 @@ const VERIFY_DIAL = {
   owner: { closeIfIdle: () => false, yieldIdle: () => false, detach: () => undefined },
   wanted: () => true,
   signal: new AbortController().signal,
-  mayConnectAgain: () => true,
+  mayConnect: () => true,
+  connectRoomIn: () => 0,
   refused: () => undefined,
 };
 
@@ -106,6 +107,7 @@ export class LocalEngine extends EventEmitter implements Engine {
       (summary: ConnectionSummary) => this.emit('connectionClosed', summary),
       (pool) => this.policies.release(pool.binding, pool.domain),
     );
+    this.policies.onRoom = () => this.registry.wakeWaiting();
   }
 
   deliver(job: MessageJob): Promise<DomainResult[]> {
@@ -152,7 +154,7 @@ export class LocalEngine extends EventEmitter implements Engine {
   async close(): Promise<void> {
     await this.registry.close();
     this.policies.close();
-    await this.sharing;
+    // Not waiting for the subscription: one still waiting for a Redis that is down never ends.
     await this.store?.close();
   }
 
@@ -173,7 +175,7 @@ export class LocalEngine extends EventEmitter implements Engine {
   private sharedEvent(event: SharedEvent): void {
     const binding = this.scopes.binding(event.binding);
     if (!binding) return;
-    const policy = this.policies.get(binding, event.domain);
+    const policy = this.policies.forEvent(binding, event.domain);
     if (event.type === 'suspended') policy.applySuspension(event.rule ?? 'another process', event.reply, event.until);
     else if (event.k !== undefined) policy.applyLearned(event.k, event.reply, event.until);
   }

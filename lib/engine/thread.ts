@@ -18,6 +18,7 @@ import type { FromWorker, ToWorker } from './protocol';
 import { BindingPoolError, ConfigError } from '../errors';
 import type { BindingPoolOptions } from '../policy/options';
 import type { SuspensionEvent } from '../policy/pair-policy';
+import { loadIoredis } from '../coordination/redis-store';
 import { transportLog } from '../log';
 
 interface Waiter {
@@ -50,6 +51,8 @@ export class ThreadEngine extends EventEmitter implements Engine {
     // selectBinding runs in the application's thread (the transport applies it); the rest must
     // be plain data to cross.
     const { selectBinding: _selectBinding, ...rest } = options;
+    // A missing ioredis is a ConfigError here, not a delivery thread that dies on start.
+    if (options.coordination) loadIoredis();
     try {
       structuredClone(rest);
     } catch (err) {

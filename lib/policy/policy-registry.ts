@@ -21,6 +21,8 @@ export interface RateStats extends BucketStats {
 
 export class PolicyRegistry {
   private readonly policies = new Map<string, PairPolicy>();
+  /** Set by the engine: pools waiting for rate room look again (a cluster bucket's takes arrived). */
+  onRoom: () => void = () => undefined;
   /** Policies whose pool was dropped while something was in force: looked at again at each drop. */
   private readonly unpooled = new Set<string>();
   private readonly buckets = new Map<string, { bucket: Bucket; kind: RateStats['kind']; warmup?: Warmup }>();
@@ -86,6 +88,19 @@ export class PolicyRegistry {
 
   close(): void {
     for (const policy of this.policies.values()) policy.close();
+    for (const { bucket } of this.buckets.values()) bucket.close?.();
+  }
+
+  /**
+   * The policy another process's event concerns (`coordination`): made if need be, and then
+   * counted as without a pool, so that it goes once the event is over.
+   */
+  forEvent(binding: Binding, domain: string): PairPolicy {
+    const key = `${binding.name}\0${domain}`;
+    if (this.policies.has(key)) return this.policies.get(key)!;
+    const policy = this.get(binding, domain);
+    this.unpooled.add(key);
+    return policy;
   }
 
   private messageBucketFor(binding: Binding, domain: string): Bucket | undefined {
@@ -108,12 +123,13 @@ export class PolicyRegistry {
     return this.shared('maxConnectionRate', declared.path, (scope) => ({ bucket: this.bucket('maxConnectionRate', scope, () => rate) }));
   }
 
-  /** The bucket of a declaration, made once: every pair the scope covers shares it (Momentum's throttles). */
   /** This process's bucket, or with `coordination` the cluster's (keyed by kind and scope, the same in every process). */
   private bucket(kind: RateStats['kind'], scope: string, rateAt: (now: number) => Rate | undefined): Bucket {
-    return this.store ? new ClusterRateBucket(scope, rateAt, this.store, `${kind}:${scope}`, this.processes) : new RateBucket(scope, rateAt);
+    if (!this.store) return new RateBucket(scope, rateAt);
+    return new ClusterRateBucket(scope, rateAt, this.store, `${kind}:${scope}`, this.processes, () => this.onRoom());
   }
 
+  /** The bucket of a declaration, made once: every pair the scope covers shares it (Momentum's throttles). */
   private shared(kind: RateStats['kind'], path: string, make: (scope: string) => { bucket: Bucket; warmup?: Warmup }): Bucket {
     const key = `${kind}\0${path}`;
     let entry = this.buckets.get(key);

@@ -232,10 +232,11 @@ function checkCoordination(value: unknown, thread: boolean): void {
   if (thread && typeof redis !== 'string')
     throw new ConfigError('coordination.redis', 'must be a URL with deliveryThread (a client cannot cross to the delivery thread)');
   if (keyPrefix !== undefined && typeof keyPrefix !== 'string') throw new ConfigError('coordination.keyPrefix', `must be a string, got ${show(keyPrefix)}`);
-  if (leaseTtl !== undefined && (!Number.isInteger(leaseTtl) || (leaseTtl as number) < 1_000))
-    throw new ConfigError('coordination.leaseTtl', `must be a whole number of milliseconds ≥ 1000, got ${show(leaseTtl)}`);
+  if (leaseTtl !== undefined && (!Number.isInteger(leaseTtl) || (leaseTtl as number) < 1_000 || (leaseTtl as number) > MAX_TIMER_MS))
+    throw new ConfigError('coordination.leaseTtl', `must be a whole number of milliseconds from 1000 to ${MAX_TIMER_MS}, got ${show(leaseTtl)}`);
   if (commandTimeout !== undefined && (!Number.isInteger(commandTimeout) || (commandTimeout as number) < 1))
     throw new ConfigError('coordination.commandTimeout', `must be a whole number of milliseconds ≥ 1, got ${show(commandTimeout)}`);
+  if (typeof onFailure === 'object' && onFailure !== null) checkKeys(onFailure as Record<string, unknown>, ['processes'], 'coordination.onFailure');
   const processes = (onFailure as { processes?: unknown } | undefined)?.processes;
   if (onFailure !== undefined && onFailure !== 'wait' && !(Number.isInteger(processes) && (processes as number) >= 1))
     throw new ConfigError('coordination.onFailure', `must be 'wait' or { processes: N } (N ≥ 1), got ${show(onFailure)}`);

@@ -54,7 +54,11 @@ export class ClusterLeases {
     return {
       granted: true,
       retryInMs: 0,
-      holdFor: (connection) => void connection.whenEnded().then(() => this.store.release(held)),
+      holdFor: (connection) => {
+        // Lost (Redis restarted and the cap filled meanwhile): the connection goes after its transaction.
+        held.onLost = () => connection.retire('shaped');
+        void connection.whenEnded().then(() => this.store.release(held));
+      },
       release: () => this.store.release(held),
     };
   }

@@ -42,10 +42,13 @@ export interface DialRequest {
   wanted: () => boolean;
   signal: AbortSignal;
   /**
-   * Asked before each connect after the first (the next MX host, a plain-text retry): false when
-   * the connection rates have no room for another, and the dial stops there.
+   * Asked right before each connect (the first, the next MX host, a plain-text retry), once it
+   * has its host slot and leases: takes room in the connection rates, false when they have none
+   * (the dial stops there). Room is never spent on a connect that does not happen.
    */
-  mayConnectAgain: () => boolean;
+  mayConnect: () => boolean;
+  /** When `mayConnect` said no: ms until the connection rates have room. */
+  connectRoomIn: () => number;
   /** A server's own refusal during the dial (a 4xx/5xx greeting, EHLO, STARTTLS), for the reply rules. */
   refused: (reply: string) => void;
 }
@@ -274,10 +277,7 @@ export class DestinationPool implements SlotOwner {
     // As many grants as the message rates have room for: each send takes at least one recipient.
     while (this.waiters.size > this.grants && this.grants < this.policy.messageRoom(now) && !this.gate.paused(now)) {
       // An idle connection first; else a dial, if the cap, the gate and the connection rates allow one.
-      if (this.pool.available === 0) {
-        if (!this.mayDial(now)) break;
-        this.policy.takeConnection(now);
-      }
+      if (this.pool.available === 0 && !this.mayDial(now)) break;
       this.grant();
     }
     if (this.waiters.size > this.grants && this.dialing === 0 && !this.anyServing()) this.failWaiting(now);
@@ -287,7 +287,12 @@ export class DestinationPool implements SlotOwner {
 
   private mayDial(now: number): boolean {
     if (now < this.clusterWaitUntil) return false;
-    return this.live.size + this.dialing < this.policy.maxOutboundConnections && this.gate.mayDial(now, this.dialing) && this.policy.connectionRoom(now) >= 1;
+    // Each dial under way will take room in the connection rates as it connects.
+    return (
+      this.live.size + this.dialing < this.policy.maxOutboundConnections &&
+      this.gate.mayDial(now, this.dialing) &&
+      this.policy.connectionRoom(now) > this.dialing
+    );
   }
 
   /**
@@ -454,8 +459,8 @@ export class DestinationPool implements SlotOwner {
     return true;
   }
 
-  /** Another connect within one dial (the next host, a plain-text retry) takes its own room in the connection rates. */
-  private connectAgain(): boolean {
+  /** Each connect of a dial takes its own room in the connection rates (see DialRequest.mayConnect). */
+  private mayConnect(): boolean {
     const now = Date.now();
     if (this.policy.connectionRoom(now) < 1) return false;
     this.policy.takeConnection(now);
@@ -558,6 +563,11 @@ export class DestinationPool implements SlotOwner {
     this.waiters.clear();
   }
 
+  /** Looks again when sends wait (something they wait for may have come). */
+  wake(): void {
+    if (this.waiters.size > 0) this.dispatch();
+  }
+
   /** When the pair could send again, while a suspension, a throttle pause or a connect backoff holds it; else undefined. */
   reopensAt(now: number): number | undefined {
     const suspended = this.policy.suspendedUntil(now);
@@ -648,7 +658,8 @@ export class DestinationPool implements SlotOwner {
         owner: this,
         wanted: () => this.wantsDial(),
         signal: this.abort.signal,
-        mayConnectAgain: () => this.connectAgain(),
+        mayConnect: () => this.mayConnect(),
+        connectRoomIn: () => Math.max(1, this.policy.connectionAvailableAt(Date.now()) - Date.now()),
         // The reply rules read a greeting's (EHLO's, STARTTLS's) refusal before the gate does.
         refused: (reply) => this.policy.observe([reply], Date.now()),
       });
@@ -661,13 +672,15 @@ export class DestinationPool implements SlotOwner {
       }
       this.live.add(connection);
       this.gate.connected(connection);
-      lease?.holdFor(connection);
+      // A connection taken over holds its own pool's lease already.
+      if (takenOver(connection)) lease?.release();
+      else lease?.holdFor(connection);
       return connection;
     } catch (err) {
       lease?.release();
       if (err instanceof SlotCancelled) return new NoConnection();
       if (err instanceof DialFailure && err.retryInMs !== undefined) {
-        // Not a failure of the destination: the cluster holds every lease on its host for now.
+        // Not a failure of the destination: the cluster holds every lease on its host, or the connection rates have no room, for now.
         this.clusterWaitUntil = Date.now() + err.retryInMs;
         return new NoConnection();
       }
@@ -752,6 +765,11 @@ export class PoolRegistry {
 
   get size(): number {
     return this.pools.size;
+  }
+
+  /** Every pool with sends waiting looks again (rate room arrived from the cluster). */
+  wakeWaiting(): void {
+    for (const pool of this.pools.values()) pool.wake();
   }
 
   /** False while the pair's pool is backing off after failed connects; a pair without a pool is healthy. */

@@ -38,11 +38,13 @@ interface PairDial {
   reuseKeys: Map<string, string>;
 }
 
-/** Why one host of a dial gave no connection; `leaseRetryMs` when only a lease across processes was missing. */
+/** Why one host of a dial gave no connection; `waitMs` when only a lease across processes or room in the connection rates was missing. */
 interface HopFailure {
   failure: string;
   verdict: DialVerdict;
-  leaseRetryMs?: number;
+  waitMs?: number;
+  /** The connection rates had no room: no other host is tried either. */
+  rateBound?: boolean;
 }
 
 /**
@@ -86,30 +88,25 @@ export class Router {
       const decision = await this.decide(binding, domain, options);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
       const failures: string[] = [];
-      let connected = false;
-      let leaseWaits = 0;
-      let leaseRetryMs = Infinity;
+      let waits = 0;
+      let waitMs = Infinity;
       let verdict: DialVerdict = 'unreachable';
       for (const hop of this.dialOrder(binding, decision.hops)) {
-        // Each connect after the first takes its own room in the pair's connection rates.
-        if (connected && !request.mayConnectAgain()) {
-          failures.push('maxConnectionRate has no room for another connect now');
-          break;
-        }
         const result = await this.tryHop(pair, hop, request);
         if (result instanceof CountingConnection) return result;
         failures.push(result.failure);
-        if (result.leaseRetryMs !== undefined) {
-          leaseWaits++;
-          leaseRetryMs = Math.min(leaseRetryMs, result.leaseRetryMs);
+        if (result.waitMs !== undefined) {
+          waits++;
+          waitMs = Math.min(waitMs, result.waitMs);
+          // No room in the connection rates: no other host may be tried now either.
+          if (result.rateBound) break;
         } else {
-          connected = true;
           verdict = worse(verdict, result.verdict);
         }
       }
-      // Only leases held elsewhere stopped it: the pool asks again in a moment, no backoff.
-      const onlyLeases = leaseWaits > 0 && leaseWaits === failures.length;
-      throw new DialFailure(failures.join('; '), onlyLeases ? 'crowded' : verdict, onlyLeases ? leaseRetryMs : undefined);
+      // Only leases held elsewhere or the connection rates stopped it: the pool asks again then, no backoff.
+      const onlyWaits = waits > 0 && waits === failures.length;
+      throw new DialFailure(failures.join('; '), onlyWaits ? 'crowded' : verdict, onlyWaits ? waitMs : undefined);
     };
   }
 
@@ -142,14 +139,19 @@ export class Router {
       return {
         failure: `${hop.host}:${hop.port}: no lease free across processes (maxHostConnections ${options.maxHostConnections})`,
         verdict: 'crowded',
-        leaseRetryMs: hostLease.retryInMs,
+        waitMs: hostLease.retryInMs,
       };
+    }
+    if (!request.mayConnect()) {
+      slot.release();
+      hostLease?.release();
+      return { failure: 'maxConnectionRate has no room for a connect now', verdict: 'crowded', waitMs: request.connectRoomIn(), rateBound: true };
     }
     try {
       // routing/tls-policy.ts: a failed handshake with an MX host at 'ifavailable' goes again in plain text.
       let tries = 0;
       const connection = await withPlainTextRetry(target, hop.plainTextRetry, (t) => {
-        if (tries++ > 0 && !request.mayConnectAgain()) throw new Error('maxConnectionRate has no room for a plain-text retry now');
+        if (tries++ > 0 && !request.mayConnect()) throw new Error('maxConnectionRate has no room for a plain-text retry now');
         return CountingConnection.open(pair.label, t, limits);
       });
       host.record('connected', 0, pair.backoff);

@@ -4,10 +4,11 @@
  * does not wait for a round trip, and its own RateBucket for bursts (`max_burst` holds per
  * process) and stats.
  *
- * Takes are fetched in small batches (a 32nd of the rate's count, at most 20) when the room
- * runs low; a take fetched and not handed out within PERMIT_HOLD_MS goes back, so that other
- * processes can use it (many processes each holding a batch would leave the window full of
- * takes nobody sends). In Redis a take is in flight until its transaction settles it, as here.
+ * Takes are fetched in small batches (a 32nd of the rate's count, at most 500) before the room
+ * runs out (at half a batch left), and the pools waiting for room are woken as a batch arrives;
+ * a take fetched and not handed out within PERMIT_HOLD_MS goes back, so that other processes
+ * can use it (many processes each holding a batch would leave the window full of takes nobody
+ * sends). In Redis a take is in flight until its transaction settles it, as here.
  */
 import type { RedisStore } from '../coordination/redis-store';
 import { guardOf, RateBucket, type Bucket, type BucketStats, type Rate } from './rate';
@@ -17,6 +18,8 @@ const PERMIT_HOLD_MS = 100;
 /** How soon to ask again while a fetch is under way, or after Redis failed. */
 const POLL_MS = 20;
 const FAILED_RETRY_MS = 500;
+/** A take made from this process's share while Redis failed: nothing of it is in Redis. */
+const SHARE_TAKE = '';
 
 export class ClusterRateBucket implements Bucket {
   private readonly local: RateBucket;
@@ -28,13 +31,16 @@ export class ClusterRateBucket implements Bucket {
   private fetching = false;
   /** When Redis said the window has room again, or when to try again after it failed. */
   private retryAt = 0;
+  private holdTimer: NodeJS.Timeout | undefined;
 
   constructor(
     readonly scope: string,
     readonly rateAt: (now: number) => Rate | undefined,
     private readonly store: RedisStore,
     private readonly key: string,
-    processes?: number,
+    processes: number | undefined,
+    /** Called when fetched takes arrive: the pools waiting for room look again. */
+    private readonly onRoom: () => void,
   ) {
     this.local = new RateBucket(scope, rateAt);
     if (processes !== undefined) {
@@ -54,7 +60,7 @@ export class ClusterRateBucket implements Bucket {
       return Math.min(local, this.share.room(now));
     }
     this.giveBackStale(now);
-    if (this.permits.length === 0 || this.permits.length < Math.min(local, this.batch(now))) this.fetch(now);
+    if (this.permits.length <= Math.min(local, this.batch(now)) / 2) this.fetch(now);
     return Math.min(local, this.permits.length);
   }
 
@@ -67,20 +73,36 @@ export class ClusterRateBucket implements Bucket {
   take(n: number, now: number): void {
     this.local.take(n, now);
     this.share?.take(n, now);
-    // While Redis fails (and a share applies) there may be fewer permits than takes: those are the share's.
-    this.inFlight.push(...this.permits.splice(0, n));
+    const members = this.permits.splice(0, n);
+    // While Redis fails (and a share applies) there may be fewer permits than takes: those are the
+    // share's, kept as placeholders so that a settle or refund never touches another send's.
+    while (members.length < n) members.push(SHARE_TAKE);
+    this.inFlight.push(...members);
   }
 
   settle(n: number, at: number): void {
     this.local.settle(n, at);
     this.share?.settle(n, at);
-    this.store.settleRate(this.key, this.inFlight.splice(0, n), at);
+    this.store.settleRate(
+      this.key,
+      this.inFlight.splice(0, n).filter((m) => m !== SHARE_TAKE),
+      at,
+    );
   }
 
   refund(n: number, now: number): void {
     this.local.refund(n, now);
     this.share?.refund(n, now);
-    if (n > 0) this.store.refundRate(this.key, this.inFlight.splice(Math.max(0, this.inFlight.length - n)));
+    if (n > 0)
+      this.store.refundRate(
+        this.key,
+        this.inFlight.splice(Math.max(0, this.inFlight.length - n)).filter((m) => m !== SHARE_TAKE),
+      );
+  }
+
+  close(): void {
+    clearTimeout(this.holdTimer);
+    this.giveBackStale(Infinity);
   }
 
   stats(now: number): BucketStats | undefined {
@@ -90,7 +112,7 @@ export class ClusterRateBucket implements Bucket {
 
   private batch(now: number): number {
     const rate = this.rateAt(now);
-    return rate ? Math.min(20, Math.max(1, Math.ceil(rate.count / 32))) : 1;
+    return rate ? Math.min(500, Math.max(1, Math.ceil(rate.count / 32))) : 1;
   }
 
   private fetch(now: number): void {
@@ -104,8 +126,12 @@ export class ClusterRateBucket implements Bucket {
         if (members.length > 0) {
           this.permits.push(...members);
           this.fetchedAt = Date.now();
+          // Not left to the next look: a pair that stops sending gives them back too.
+          clearTimeout(this.holdTimer);
+          this.holdTimer = setTimeout(() => this.giveBackStale(Date.now()), PERMIT_HOLD_MS).unref();
         }
         this.retryAt = members.length === 0 && retryAt !== undefined ? retryAt : 0;
+        if (members.length > 0) this.onRoom();
       },
       () => {
         this.fetching = false;

@@ -104,6 +104,8 @@ export interface Bucket {
   settle(n: number, at: number): void;
   refund(n: number, now: number): void;
   stats(now: number): BucketStats | undefined;
+  /** Gives back what it holds for others (the transport closes). */
+  close?(): void;
 }
 
 /**

@@ -9,6 +9,7 @@ export type { ReplyRule, ReplyRuleSettings } from './shaping/reply-rules';
 export type { WarmupPlan, WarmupStep } from './shaping/warmup';
 export type { ShapingStats, SuspensionEvent } from './policy/pair-policy';
 export type { RateStats } from './policy/policy-registry';
+export type { CoordinationOptions } from './coordination/redis-store';
 export type { BindingPoolErrorCode } from './errors';
 export type {
   BindingPoolOptions,

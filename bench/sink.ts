@@ -3,9 +3,10 @@
  * missing and we are root with apt-get), else a separate-process smtp-server sink. Both print
  * session/message counters, which the harness reads to check that the sink really got the mail.
  */
+import { freePort } from '../test/support/free-port';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { createConnection, createServer } from 'node:net';
+import { createConnection } from 'node:net';
 import path from 'node:path';
 import { sleep } from './common';
 
@@ -51,17 +52,6 @@ function installPostfix(): boolean {
   }
   console.log('postfix installed');
   return true;
-}
-
-export async function freePort(host: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, host, () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
 }
 
 async function waitForListener(host: string, port: number, child: ChildProcess, timeoutMs = 10_000): Promise<void> {
@@ -171,3 +161,5 @@ export async function startSink(options: SinkOptions = {}): Promise<Sink> {
   await waitForListener(host, port, child);
   return makeSink('smtp-server', host, port, `node ${script} ${host} ${port}`, child);
 }
+
+export { freePort };

@@ -89,6 +89,8 @@ export class PairPolicy {
   private candidate: { k: number; at: number } | undefined;
   /** The retryAfter times given to sends the rates turned away, still to come (ascending). */
   private readonly promised: number[] = [];
+  private messageList: Bucket[] = [];
+  private connectionList: Bucket[] = [];
   /** The earliest time something in force ends (refresh does nothing before it). */
   private nextExpiry = Infinity;
 
@@ -355,16 +357,19 @@ export class PairPolicy {
       options.maxOutboundConnections,
       sets.map((s) => s.maxOutboundConnections),
     );
+    this.messageList = buckets(this.messageBucket, this.overrides, 'messageBucket');
+    this.connectionList = buckets(this.connectionBucket, this.overrides, 'connectionBucket');
     const ends = [...this.overrides.map((o) => o.until), this.learned?.until ?? Infinity, this.suspension?.until ?? Infinity];
     this.nextExpiry = Math.min(...ends);
   }
 
+  /** The buckets in force, made again only when the overrides change (every send reads them). */
   private messageBuckets(): Bucket[] {
-    return buckets(this.messageBucket, this.overrides, 'messageBucket');
+    return this.messageList;
   }
 
   private connectionBuckets(): Bucket[] {
-    return buckets(this.connectionBucket, this.overrides, 'connectionBucket');
+    return this.connectionList;
   }
 }
 

@@ -1,0 +1,13 @@
+import { createServer } from 'node:net';
+
+/** A TCP port free on `host` now (the OS picks it; a listener started right after gets it). */
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, host, () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+}

@@ -31,7 +31,9 @@ export type BindingPoolErrorCode =
   /** The transport is closing or closed. */
   | 'ECLOSED'
   /** Reading the composed message failed. */
-  | 'EMESSAGE';
+  | 'EMESSAGE'
+  /** Queue: the message is larger than the queue's `maxMessageSize`; nothing was queued. */
+  | 'ESIZE';
 
 export class BindingPoolError extends Error {
   readonly code: BindingPoolErrorCode;

@@ -10,3 +10,4 @@ export const poolLog = createDebug('nodemailer-binding-pool:pool');
 export const deliveryLog = createDebug('nodemailer-binding-pool:delivery');
 export const transportLog = createDebug('nodemailer-binding-pool:transport');
 export const coordinationLog = createDebug('nodemailer-binding-pool:coordination');
+export const queueLog = createDebug('nodemailer-binding-pool:queue');

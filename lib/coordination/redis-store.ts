@@ -338,11 +338,11 @@ function parseEvent(message: string): SharedEvent | undefined {
 }
 
 /** ioredis, loaded only when coordination is configured; a clear error when it is not installed. */
-export function loadIoredis(): new (url: string, options: object) => unknown {
+export function loadIoredis(path = 'coordination.redis'): new (url: string, options: object) => unknown {
   try {
     const required = createRequire(__filename)('ioredis') as { default?: unknown };
     return (required.default ?? required) as new (url: string, options: object) => unknown;
   } catch (err) {
-    throw new ConfigError('coordination.redis', `needs the optional dependency ioredis (npm install ioredis): ${(err as Error).message}`);
+    throw new ConfigError(path, `needs the optional dependency ioredis (npm install ioredis): ${(err as Error).message}`);
   }
 }

@@ -25,6 +25,11 @@ export interface RecipientOutcome {
   host?: string;
   /** Pending only: when the destination could take it, when known (the end of a backoff or throttle pause). */
   retryAfter?: Date;
+  /**
+   * Pending only: the final dot left but no reply came, so the server may have the message
+   * (the response starts `outcome unknown:`). Sending it again risks a duplicate.
+   */
+  outcomeUnknown?: true;
 }
 
 export interface ConnectionUse {
@@ -94,12 +99,13 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
   const queue: QueuedRecipient[] = job.recipients.map((recipient) => ({ recipient, attempts: 0 }));
   const hosts = new Set<string>();
   const connections = new Map<string, ConnectionUse>();
-  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string, retryAfter?: Date): void => {
+  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string, retryAfter?: Date): RecipientOutcome => {
     const outcome: RecipientOutcome = { recipient: item.recipient.address, status, response };
     if (responseCode !== undefined) outcome.responseCode = responseCode;
     if (host !== undefined) outcome.host = host;
     if (retryAfter !== undefined) outcome.retryAfter = new Date(retryAfter);
     result[status].push(outcome);
+    return outcome;
   };
 
   const { policy } = job.pool;
@@ -153,7 +159,8 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         if (goesAgain(item, reply, progressed, now, policy.options)) again.push(item);
         else {
           const status = reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending';
-          settle(item, status, reply.response, reply.responseCode, host, status === 'pending' && reopensAt !== undefined ? new Date(reopensAt) : undefined);
+          const outcome = settle(item, status, reply.response, reply.responseCode, host, status === 'pending' && reopensAt !== undefined ? new Date(reopensAt) : undefined);
+          if (reply.verdict === 'unknown') outcome.outcomeUnknown = true;
         }
       });
       if (again.length > 0) {

@@ -343,7 +343,7 @@ function entries(value: unknown, path: string): [string, unknown][] {
   return Object.entries(checkObject(value, path));
 }
 
-function checkKeys(value: Record<string, unknown>, allowed: readonly string[], path: string): void {
+export function checkKeys(value: Record<string, unknown>, allowed: readonly string[], path: string): void {
   for (const key of Object.keys(value)) {
     if (!allowed.includes(key)) throw new ConfigError(childPath(path, key), `unknown option${suggestion(key, allowed)}`);
   }

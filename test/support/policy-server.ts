@@ -93,6 +93,10 @@ export interface PolicyServerOptions {
   perConnectionReply?: PolicyReply;
   /** A reply for a MAIL FROM, decided by the test (undefined: go on); a 421 closes the session. */
   mailReply?: (context: { session: PolicySession; accepted: number }) => PolicyReply | undefined;
+  /** A reply for a RCPT TO, decided by the test (undefined: accept it): greylisting, a permanent 5xx. */
+  rcptReply?: (context: { address: string; from: string; session: PolicySession }) => PolicyReply | undefined;
+  /** Wait this long before answering the final dot (a slow receiver: transactions in flight for a while). Default 0. */
+  dataDelayMs?: number;
   /** Keep smtp-server's 100 ms early-talker pause before the greeting. Default false (faster runs). */
   earlyTalkerPause?: boolean;
 }
@@ -373,7 +377,10 @@ export class PolicyServer extends LoopbackServer {
       },
       onRcptTo: (address, smtpSession, callback) => {
         this.rcpts.push({ at: Date.now() - this.startedAt, remoteAddress: plainAddress(smtpSession.remoteAddress), address: address.address });
-        callback();
+        const session = this.byId.get(smtpSession.id);
+        const from = smtpSession.envelope.mailFrom ? smtpSession.envelope.mailFrom.address : '';
+        const reply = session && this.options.rcptReply?.({ address: address.address, from, session });
+        callback(reply ? refusal(reply) : undefined);
       },
       onData: (stream, smtpSession, callback) => {
         const session = this.byId.get(smtpSession.id);
@@ -404,7 +411,9 @@ export class PolicyServer extends LoopbackServer {
             c.recipients += recipients.length;
           });
           this.noteAccepted(session.remoteAddress);
-          callback(null, 'Ok: queued');
+          const delay = this.options.dataDelayMs ?? 0;
+          if (delay > 0) setTimeout(() => callback(null, 'Ok: queued'), delay);
+          else callback(null, 'Ok: queued');
         });
       },
     };

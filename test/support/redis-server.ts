@@ -1,7 +1,9 @@
 /**
  * A real redis-server (Debian's package; `.ci/run` installs it) on a loopback port, for the
- * coordination tests: a temporary directory, no persistence, stopped by its PID. `restart()`
- * starts it again on the same port (a Redis that went away and came back). No jest here.
+ * coordination and queue tests: a temporary directory, no persistence unless asked for (then an
+ * append-only file written at every command, appendfsync always), stopped by its PID.
+ * `restart()` starts it again on the same port and directory (a Redis that went away and came
+ * back, with its data when persistent). No jest here.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -19,10 +21,11 @@ export class RedisServer {
   private constructor(
     readonly port: number,
     private readonly dir: string,
+    private readonly persistent: boolean,
   ) {}
 
-  static async start(): Promise<RedisServer> {
-    const server = new RedisServer(await freePort(), mkdtempSync(join(tmpdir(), 'nbp-redis-')));
+  static async start(options: { persistent?: boolean } = {}): Promise<RedisServer> {
+    const server = new RedisServer(await freePort(), mkdtempSync(join(tmpdir(), 'nbp-redis-')), options.persistent ?? false);
     await server.launch();
     return server;
   }
@@ -58,7 +61,10 @@ export class RedisServer {
   private async launch(): Promise<void> {
     const child = spawn(
       'redis-server',
-      ['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--save', '', '--appendonly', 'no', '--daemonize', 'no'],
+      [
+        ...['--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir, '--save', '', '--daemonize', 'no'],
+        ...(this.persistent ? ['--appendonly', 'yes', '--appendfsync', 'always'] : ['--appendonly', 'no']),
+      ],
       {
         stdio: ['ignore', 'pipe', 'pipe'],
       },

@@ -1,0 +1,104 @@
+/**
+ * The queue's Redis side: loading BullMQ and ioredis (optional peers, loaded only when the queue
+ * is used), one ioredis client per MailQueue or MailWorker, and the message bytes, stored once
+ * per message under `<prefix>:<queue>:message:<job id>` beside the job (whose data is the small
+ * record). The bytes are read whole when small, and in 1 MiB ranges as a stream when large, so a
+ * worker's transport reads them only when its read-ahead budget has room (maxReadAheadBytes).
+ */
+import type { EventEmitter } from 'node:events';
+import { createRequire } from 'node:module';
+import { Readable } from 'node:stream';
+import { ConfigError, describeError } from '../errors';
+import { queueLog } from '../log';
+import { loadIoredis } from '../coordination/redis-store';
+
+/** The part of an ioredis client the queue uses. */
+export interface QueueRedis {
+  set(key: string, value: Buffer, px: 'PX', ttl: number, nx: 'NX'): Promise<unknown>;
+  getBuffer(key: string): Promise<Buffer | null>;
+  getrangeBuffer(key: string, start: number, end: number): Promise<Buffer>;
+  strlen(key: string): Promise<number>;
+  del(...keys: string[]): Promise<number>;
+  pexpire(key: string, ms: number): Promise<number>;
+  quit(): Promise<unknown>;
+  duplicate(): QueueRedis;
+}
+
+/** Where the queue's Redis is: a URL, an ioredis client (used as it is), or ioredis options. */
+export type QueueConnection = string | QueueRedis | Record<string, unknown>;
+
+export type BullMq = typeof import('bullmq');
+
+export function loadBullmq(): BullMq {
+  try {
+    return createRequire(__filename)('bullmq') as BullMq;
+  } catch (err) {
+    throw new ConfigError('connection', `the queue needs the optional dependencies bullmq and ioredis (npm install bullmq ioredis): ${(err as Error).message}`);
+  }
+}
+
+function isClient(value: unknown): value is QueueRedis {
+  return typeof value === 'object' && value !== null && typeof (value as { duplicate?: unknown }).duplicate === 'function';
+}
+
+/**
+ * The client to use and whether this object owns it. BullMQ's workers need
+ * `maxRetriesPerRequest: null`; with it, commands wait through a Redis restart instead of
+ * failing, which is what lets a queue ride out one.
+ */
+export function connect(connection: unknown): { redis: QueueRedis; owned: boolean } {
+  if (isClient(connection)) return { redis: connection, owned: false };
+  const Redis = loadIoredis('connection') as unknown as new (...args: unknown[]) => QueueRedis;
+  const options = { maxRetriesPerRequest: null };
+  if (typeof connection === 'string') return { redis: new Redis(connection, options), owned: true };
+  if (typeof connection === 'object' && connection !== null) return { redis: new Redis({ ...connection, ...options }), owned: true };
+  throw new ConfigError('connection', `must be a Redis URL ('redis://127.0.0.1:6379'), an ioredis client or ioredis options, got ${String(connection)}`);
+}
+
+/**
+ * Hands Redis or BullMQ trouble to the emitter's 'error' listeners, or only logs it when there
+ * are none (an 'error' event nobody listens to would throw; BullMQ's own classes would print it).
+ */
+export function reportError(emitter: EventEmitter, err: unknown): void {
+  if (emitter.listenerCount('error') > 0) emitter.emit('error', err);
+  else queueLog('%s', describeError(err));
+}
+
+/** Messages up to this size are read in one GET; larger ones as a stream of ranges. */
+const READ_WHOLE_UP_TO = 1024 * 1024;
+const RANGE = 1024 * 1024;
+
+export class MessageStore {
+  constructor(
+    private readonly redis: QueueRedis,
+    /** `<prefix>:<queue>:`, as BullMQ names the queue's keys. */
+    private readonly keyPrefix: string,
+  ) {}
+
+  key(id: string): string {
+    return `${this.keyPrefix}message:${id}`;
+  }
+
+  /** Stores a message's bytes unless they are there already (an add repeated with the same job id). */
+  async put(id: string, bytes: Buffer, ttlMs: number): Promise<void> {
+    await this.redis.set(this.key(id), bytes, 'PX', ttlMs, 'NX');
+  }
+
+  /** The bytes, or undefined when they are gone. */
+  async read(id: string, size: number): Promise<Buffer | Readable | undefined> {
+    const key = this.key(id);
+    if (size <= READ_WHOLE_UP_TO) return (await this.redis.getBuffer(key)) ?? undefined;
+    if ((await this.redis.strlen(key)) !== size) return undefined;
+    const redis = this.redis;
+    return Readable.from(
+      (async function* () {
+        for (let start = 0; start < size; start += RANGE) yield await redis.getrangeBuffer(key, start, Math.min(start + RANGE, size) - 1);
+      })(),
+      { objectMode: false },
+    );
+  }
+
+  async delete(id: string): Promise<void> {
+    await this.redis.del(this.key(id));
+  }
+}

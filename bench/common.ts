@@ -228,6 +228,13 @@ export interface RunResult {
 
 export const SENDER = 'bench@sender.example';
 
+/** A numeric command-line flag (`--sends 5000`), or the fallback when it is not given. */
+export function numberFlag(name: string, fallback: number): number {
+  const args = process.argv.slice(2);
+  const i = args.indexOf(name);
+  return i >= 0 ? Number(args[i + 1]) : fallback;
+}
+
 /** A fixed 650-byte RFC 5322 message, CRLF line ends. */
 export function buildRawMessage(size = 650): Buffer {
   const head = [

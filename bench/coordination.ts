@@ -14,14 +14,9 @@
 import nodemailer from 'nodemailer';
 import { BindingPoolTransport, type BindingPoolOptions } from '../lib';
 import { RedisServer } from '../test/support/redis-server';
-import { buildRawMessage, median, pump, SENDER } from './common';
+import { buildRawMessage, median, numberFlag as flag, pump, SENDER } from './common';
 import { startSink } from './sink';
 
-const args = process.argv.slice(2);
-const flag = (name: string, fallback: number): number => {
-  const i = args.indexOf(name);
-  return i >= 0 ? Number(args[i + 1]) : fallback;
-};
 const SENDS = flag('--sends', 20_000);
 const ROUNDS = flag('--rounds', 3);
 const WINDOW = 100;

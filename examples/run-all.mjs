@@ -5,7 +5,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const names = ['relay', 'direct-mx', 'big-receivers', 'shaping', 'stats', 'graceful-shutdown', 'demo'];
+const names = ['relay', 'direct-mx', 'big-receivers', 'shaping', 'stats', 'graceful-shutdown', 'queue', 'demo'];
 
 for (const name of names) {
   const started = Date.now();

@@ -36,7 +36,9 @@ writeFileSync(join(dist, 'esm', 'index.d.mts'), `${header}export * from '../cjs/
 const queue = esmEntry(join('queue', 'index'), '../../cjs/queue/index.js');
 writeFileSync(join(dist, 'esm', 'queue', 'index.d.mts'), `${header}export * from '../../cjs/queue/index.js';\n`);
 
-console.log(`dist/cjs: tsc build; dist/esm/index.mjs: ${main.length} exports (${main.join(', ')}); dist/esm/queue/index.mjs: ${queue.length} (${queue.join(', ')})`);
+console.log(
+  `dist/cjs: tsc build; dist/esm/index.mjs: ${main.length} exports (${main.join(', ')}); dist/esm/queue/index.mjs: ${queue.length} (${queue.join(', ')})`,
+);
 
 /** Writes dist/esm/<entry>.mjs re-exporting the CommonJS module at `cjs` (relative to it); returns the names. */
 function esmEntry(entry, cjs) {

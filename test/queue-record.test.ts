@@ -2,7 +2,16 @@
  * The queue's record rules (lib/queue/record.ts) as a table: a recipient's state and one
  * attempt's outcome in, its next state out. Pure: the clock is a number the cases set.
  */
-import { applyAttempt, dueRecipients, DUE_WITHIN_MS, endQueued, nextAttemptAt, type AttemptOutcome, type MailRecord, type RecipientRecord } from '../lib/queue/record';
+import {
+  applyAttempt,
+  dueRecipients,
+  DUE_WITHIN_MS,
+  endQueued,
+  nextAttemptAt,
+  type AttemptOutcome,
+  type MailRecord,
+  type RecipientRecord,
+} from '../lib/queue/record';
 
 const MIN = 60_000;
 const T0 = 1_000_000_000_000;
@@ -25,18 +34,44 @@ const rejected: AttemptOutcome = { status: 'rejected', response: '550 5.1.1 no s
 const greylisted: AttemptOutcome = { status: 'pending', response: '451 4.7.1 greylisted, try again later', responseCode: 451 };
 const unknown: AttemptOutcome = { status: 'pending', response: 'outcome unknown: the connection ended', outcomeUnknown: true };
 
-type Case = [name: string, before: Partial<RecipientRecord>, outcome: AttemptOutcome, now: number, expected: Partial<RecipientRecord>, policy?: Partial<typeof POLICY>];
+type Case = [
+  name: string,
+  before: Partial<RecipientRecord>,
+  outcome: AttemptOutcome,
+  now: number,
+  expected: Partial<RecipientRecord>,
+  policy?: Partial<typeof POLICY>,
+];
 
 const cases: Case[] = [
-  ['accepted is final at once', {}, accepted, T0, { status: 'accepted', attempts: 1, response: accepted.response, responseCode: 250, nextAttemptAt: undefined }],
+  [
+    'accepted is final at once',
+    {},
+    accepted,
+    T0,
+    { status: 'accepted', attempts: 1, response: accepted.response, responseCode: 250, nextAttemptAt: undefined },
+  ],
   ['a 5xx is final at once', {}, rejected, T0, { status: 'rejected', attempts: 1, responseCode: 550 }],
   ['a first 4xx waits the first step', {}, greylisted, T0, { status: 'queued', attempts: 1, nextAttemptAt: T0 + MIN, responseCode: 451 }],
   ['the third 4xx waits the third step', { attempts: 2 }, greylisted, T0, { status: 'queued', attempts: 3, nextAttemptAt: T0 + 15 * MIN }],
   ['past the schedule the last step repeats', { attempts: 9 }, greylisted, T0, { status: 'queued', attempts: 10, nextAttemptAt: T0 + 240 * MIN }],
   ['a later retryAfter wins over the schedule', {}, { ...greylisted, retryAfter: T0 + 30 * MIN }, T0, { nextAttemptAt: T0 + 30 * MIN }],
   ['an earlier retryAfter does not shorten the schedule', {}, { ...greylisted, retryAfter: T0 + 1000 }, T0, { nextAttemptAt: T0 + MIN }],
-  ['the last attempt is made at expiry', {}, greylisted, T0 + 5 * 24 * 60 * MIN - 10 * MIN, { status: 'queued', nextAttemptAt: T0 + 5 * 24 * 60 * MIN }, { schedule: [60 * MIN] }],
-  ['a 4xx at or past expiry is final as expired', { attempts: 40 }, greylisted, T0 + 5 * 24 * 60 * MIN, { status: 'expired', attempts: 41, response: greylisted.response }],
+  [
+    'the last attempt is made at expiry',
+    {},
+    greylisted,
+    T0 + 5 * 24 * 60 * MIN - 10 * MIN,
+    { status: 'queued', nextAttemptAt: T0 + 5 * 24 * 60 * MIN },
+    { schedule: [60 * MIN] },
+  ],
+  [
+    'a 4xx at or past expiry is final as expired',
+    { attempts: 40 },
+    greylisted,
+    T0 + 5 * 24 * 60 * MIN,
+    { status: 'expired', attempts: 41, response: greylisted.response },
+  ],
   ['outcome unknown is final as unknown', {}, unknown, T0, { status: 'unknown', attempts: 1, response: unknown.response }],
   ['outcome unknown goes again with retryUnknown', {}, unknown, T0, { status: 'queued', attempts: 1, nextAttemptAt: T0 + MIN }, { retryUnknown: true }],
   ['a 5xx after 4xxs is final', { attempts: 3 }, rejected, T0, { status: 'rejected', attempts: 4 }],

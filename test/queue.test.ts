@@ -25,7 +25,11 @@ jest.setTimeout(60_000);
 const figures: string[] = [];
 afterAll(() => console.log(`queue (server-side figures):\n${figures.join('\n')}`));
 const note = (name: string, values: Record<string, unknown>): void => {
-  figures.push(`- ${name}: ${Object.entries(values).map(([k, v]) => `${k} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`).join(', ')}`);
+  figures.push(
+    `- ${name}: ${Object.entries(values)
+      .map(([k, v]) => `${k} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
+      .join(', ')}`,
+  );
 };
 
 const SOURCE = '127.0.0.2';
@@ -77,15 +81,23 @@ function doneOutcomes(worker: MailWorker, ids: readonly string[]): Promise<Map<s
 /** Realistic mail: text and HTML of a few KiB, every third with a 20–60 KiB attachment. */
 function letter(i: number, to: string[]): SendMailOptions {
   const text = `Dear customer,\n\nyour statement #${i} is ready.\n`.repeat(40 + (i % 7) * 10);
-  const mail: SendMailOptions = { from: 'Billing <billing@sender.example>', to, subject: `statement #${i}`, text, html: `<p>${text.replace(/\n/g, '</p><p>')}</p>` };
-  if (i % 3 === 0) mail.attachments = [{ filename: `statement-${i}.pdf`, content: randomBytes(20 * 1024 + ((i * 7919) % 40) * 1024), contentType: 'application/pdf' }];
+  const mail: SendMailOptions = {
+    from: 'Billing <billing@sender.example>',
+    to,
+    subject: `statement #${i}`,
+    text,
+    html: `<p>${text.replace(/\n/g, '</p><p>')}</p>`,
+  };
+  if (i % 3 === 0)
+    mail.attachments = [{ filename: `statement-${i}.pdf`, content: randomBytes(20 * 1024 + ((i * 7919) % 40) * 1024), contentType: 'application/pdf' }];
   return mail;
 }
 
 /** (Message-ID, recipient) → times the server answered 250 for it. */
 function deliveries(server: PolicyServer): Map<string, number> {
   const counts = new Map<string, number>();
-  for (const message of server.accepted) for (const r of message.recipients) counts.set(`${message.messageId}|${r}`, (counts.get(`${message.messageId}|${r}`) ?? 0) + 1);
+  for (const message of server.accepted)
+    for (const r of message.recipients) counts.set(`${message.messageId}|${r}`, (counts.get(`${message.messageId}|${r}`) ?? 0) + 1);
   return counts;
 }
 
@@ -148,7 +160,14 @@ describe('retries', () => {
     expect(keys).toEqual([]);
     await sleep(200);
     expect(fromEvents.map((o) => o.id).sort()).toEqual([...ids].sort());
-    note('greylisting', { messages: 12, recipients: 24, accepted: counts.size, 'server 250s': [...counts.values()].reduce((a, b) => a + b, 0), 'RCPTs refused 451': 24, 'attempts each': 2 });
+    note('greylisting', {
+      messages: 12,
+      recipients: 24,
+      accepted: counts.size,
+      'server 250s': [...counts.values()].reduce((a, b) => a + b, 0),
+      'RCPTs refused 451': 24,
+      'attempts each': 2,
+    });
   });
 
   test('a receiver down for the first attempts: everything is delivered once it listens', async () => {
@@ -172,7 +191,9 @@ describe('retries', () => {
   });
 
   test('a permanent 5xx is final at once; the others are accepted; onFinalFailure hears of it once', async () => {
-    const server = await policyServer({ rcptReply: ({ address }) => (address.startsWith('nobody') ? { code: 550, message: '5.1.1 no such user' } : undefined) });
+    const server = await policyServer({
+      rcptReply: ({ address }) => (address.startsWith('nobody') ? { code: 550, message: '5.1.1 no such user' } : undefined),
+    });
     const failures: FinalFailure[] = [];
     const { mailQueue, start } = setup(server.route, { onFinalFailure: (failure) => void failures.push(failure) });
     const id = await mailQueue.add(letter(0, ['one@bounce.test', 'nobody@bounce.test', 'two@bounce.test']));
@@ -184,7 +205,9 @@ describe('retries', () => {
       expect.objectContaining({ address: 'two@bounce.test', status: 'accepted', attempts: 1 }),
     ]);
     expect(failures).toHaveLength(1);
-    expect(failures[0].recipients).toEqual([expect.objectContaining({ address: 'nobody@bounce.test', status: 'rejected', response: expect.stringContaining('no such user') })]);
+    expect(failures[0].recipients).toEqual([
+      expect.objectContaining({ address: 'nobody@bounce.test', status: 'rejected', response: expect.stringContaining('no such user') }),
+    ]);
     expect(server.rcpts.filter((r) => r.address === 'nobody@bounce.test')).toHaveLength(1);
     expect([...deliveries(server).values()]).toEqual([1, 1]);
   });
@@ -240,7 +263,13 @@ describe('messages', () => {
     const server = await policyServer();
     const { name, mailQueue, start } = setup(server.route);
     const attachment = randomBytes(20 * 1024 * 1024);
-    const id = await mailQueue.add({ from: 'big@sender.example', to: ['big1@big.test', 'big2@big.test'], subject: 'big', text: 'see attachment', attachments: [{ filename: 'big.bin', content: attachment }] });
+    const id = await mailQueue.add({
+      from: 'big@sender.example',
+      to: ['big1@big.test', 'big2@big.test'],
+      subject: 'big',
+      text: 'see attachment',
+      attachments: [{ filename: 'big.bin', content: attachment }],
+    });
     const client = inspector();
     const stored = await client.strlen(`bull:${name}:message:${id}`);
     const record = (await mailQueue.queue.getJob(id))!.data;
@@ -261,14 +290,18 @@ describe('messages', () => {
   test('a message over maxMessageSize, or with CR/LF in an address, is refused by add() and nothing is stored', async () => {
     const { name, mailQueue } = setup({ host: '127.0.0.1', port: 1 }, {}, { maxMessageSize: 64 * 1024 });
     await expect(mailQueue.add({ from: 'a@sender.example', to: 'x@d.test', text: 'x'.repeat(100_000) })).rejects.toMatchObject({ code: 'ESIZE' });
-    await expect(mailQueue.add({ from: 'a@sender.example', to: 'ok@d.test, evil@d.test\r\nRCPT TO:<inject@d.test>', text: 'x' })).rejects.toMatchObject({ code: 'EADDRESS' });
+    await expect(mailQueue.add({ from: 'a@sender.example', to: 'ok@d.test, evil@d.test\r\nRCPT TO:<inject@d.test>', text: 'x' })).rejects.toMatchObject({
+      code: 'EADDRESS',
+    });
     await expect(mailQueue.add({ from: 'a@sender.example', text: 'x' })).rejects.toMatchObject({ code: 'ENORECIPIENTS' });
     expect(await mailQueue.queue.count()).toBe(0);
     expect(await inspector().keys(`bull:${name}:message:*`)).toEqual([]);
   });
 
   test('bad options name the option', () => {
-    expect(() => new MailWorker('x', { connection: redis.url, transport: {}, retrySchedule: ['1min', 'soon'] })).toThrow(/^retrySchedule\[1\]: must be a duration/);
+    expect(() => new MailWorker('x', { connection: redis.url, transport: {}, retrySchedule: ['1min', 'soon'] })).toThrow(
+      /^retrySchedule\[1\]: must be a duration/,
+    );
     expect(() => new MailQueue('x', { connection: redis.url, maxAge: -1 })).toThrow(/^maxAge: /);
     expect(() => new MailQueue('x', { connection: redis.url, maxAgee: '1d' } as never)).toThrow(/^maxAgee: unknown option \(did you mean "maxAge"\?\)/);
   });
@@ -361,6 +394,11 @@ describe('crash safety', () => {
     expect([...outcomes.values()].flatMap((o) => o.recipients.map((r) => r.status))).toEqual(Array(40).fill('accepted'));
     expect(counts.size).toBe(40);
     expect([...counts.values()].every((n) => n === 1)).toBe(true);
-    note('Redis SIGKILL + restart (appendfsync always)', { 'accepted before the kill': atKill, 'during the 1 s outage': duringOutage, accepted: counts.size, duplicates: 0 });
+    note('Redis SIGKILL + restart (appendfsync always)', {
+      'accepted before the kill': atKill,
+      'during the 1 s outage': duringOutage,
+      accepted: counts.size,
+      duplicates: 0,
+    });
   });
 });

@@ -99,7 +99,14 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
   const queue: QueuedRecipient[] = job.recipients.map((recipient) => ({ recipient, attempts: 0 }));
   const hosts = new Set<string>();
   const connections = new Map<string, ConnectionUse>();
-  const settle = (item: QueuedRecipient, status: RecipientStatus, response: string, responseCode?: number, host?: string, retryAfter?: Date): RecipientOutcome => {
+  const settle = (
+    item: QueuedRecipient,
+    status: RecipientStatus,
+    response: string,
+    responseCode?: number,
+    host?: string,
+    retryAfter?: Date,
+  ): RecipientOutcome => {
     const outcome: RecipientOutcome = { recipient: item.recipient.address, status, response };
     if (responseCode !== undefined) outcome.responseCode = responseCode;
     if (host !== undefined) outcome.host = host;
@@ -159,7 +166,14 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         if (goesAgain(item, reply, progressed, now, policy.options)) again.push(item);
         else {
           const status = reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending';
-          const outcome = settle(item, status, reply.response, reply.responseCode, host, status === 'pending' && reopensAt !== undefined ? new Date(reopensAt) : undefined);
+          const outcome = settle(
+            item,
+            status,
+            reply.response,
+            reply.responseCode,
+            host,
+            status === 'pending' && reopensAt !== undefined ? new Date(reopensAt) : undefined,
+          );
           if (reply.verdict === 'unknown') outcome.outcomeUnknown = true;
         }
       });

@@ -192,7 +192,12 @@ export class ThreadEngine extends EventEmitter implements Engine {
           connections: [],
           accepted: [],
           rejected: [],
-          pending: recipients.map((r) => ({ recipient: r.address, status: 'pending' as const, response: `outcome unknown: ${err.message}`, outcomeUnknown: true as const })),
+          pending: recipients.map((r) => ({
+            recipient: r.address,
+            status: 'pending' as const,
+            response: `outcome unknown: ${err.message}`,
+            outcomeUnknown: true as const,
+          })),
         })),
       );
     }

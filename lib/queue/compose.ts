@@ -27,7 +27,8 @@ export interface QueueTimes {
 }
 
 export async function compose(mail: SendMailOptions & BindingChoice, times: QueueTimes, maxMessageSize: number): Promise<ComposedMail> {
-  if (typeof mail !== 'object' || mail === null) throw new BindingPoolError('EMESSAGE', 'add() takes a message object (Nodemailer’s sendMail() fields); nothing was queued');
+  if (typeof mail !== 'object' || mail === null)
+    throw new BindingPoolError('EMESSAGE', 'add() takes a message object (Nodemailer’s sendMail() fields); nothing was queued');
   // The checks the transport makes before a byte goes out, made before anything is stored.
   assertCleanAddressFields(mail);
   let info: StreamInfo;
@@ -55,5 +56,6 @@ export async function compose(mail: SendMailOptions & BindingChoice, times: Queu
   };
   if (mail.binding !== undefined) record.binding = mail.binding;
   if (mail.bindingGroup !== undefined) record.bindingGroup = mail.bindingGroup;
+  if (mail.dsn) record.dsn = mail.dsn;
   return { bytes, record };
 }

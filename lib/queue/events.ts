@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import type { QueueEvents } from 'bullmq';
 import { ConfigError } from '../errors';
-import { connect, loadBullmq, reportError } from './redis';
+import { connect, loadBullmq, reportError, type QueueRedis } from './redis';
 import { toOutcome } from './outcome';
 import type { MailRecord } from './record';
 import type { QueueConnection } from './redis';
@@ -19,6 +19,8 @@ export interface MailQueueEventsOptions {
 export class MailQueueEvents extends EventEmitter {
   /** The BullMQ QueueEvents underneath. */
   readonly events: QueueEvents;
+  /** Its blocking connection: made here (from options, or a duplicate of your client), so closed here. */
+  private readonly redis: QueueRedis;
 
   constructor(
     readonly name: string,
@@ -27,9 +29,10 @@ export class MailQueueEvents extends EventEmitter {
     super();
     if (typeof options !== 'object' || options === null || options.connection === undefined) throw new ConfigError('connection', 'is required');
     const { QueueEvents } = loadBullmq();
-    // QueueEvents blocks on its connection (XREAD): it gets its own, which it closes itself.
+    // QueueEvents blocks on its connection (XREAD): it gets one of its own.
     const { redis, owned } = connect(options.connection);
-    this.events = new QueueEvents(name, { connection: (owned ? redis : redis.duplicate()) as never, prefix: options.prefix ?? 'bull' });
+    this.redis = owned ? redis : redis.duplicate();
+    this.events = new QueueEvents(name, { connection: this.redis as never, prefix: options.prefix ?? 'bull' });
     this.events.on('completed', ({ jobId, returnvalue }) => {
       const record = (typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue) as MailRecord | undefined;
       if (record?.version === 1) this.emit('done', toOutcome(jobId, record));
@@ -43,5 +46,6 @@ export class MailQueueEvents extends EventEmitter {
 
   async close(): Promise<void> {
     await this.events.close();
+    await this.redis.quit().catch(() => undefined);
   }
 }

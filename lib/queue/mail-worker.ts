@@ -121,7 +121,7 @@ export class MailWorker extends EventEmitter {
     const outcomes = new Map<string, AttemptOutcome>();
     let domains: DomainResult[];
     try {
-      const mail = { envelope: { from: record.from, to: due }, raw, binding: record.binding, bindingGroup: record.bindingGroup };
+      const mail = { envelope: { from: record.from, to: due }, raw, binding: record.binding, bindingGroup: record.bindingGroup, dsn: record.dsn };
       domains = ((await this.sender.sendMail(mail as never)) as BindingPoolSentMessageInfo).domains;
     } catch (err) {
       const withDomains = (err as { domains?: DomainResult[] }).domains;

@@ -73,7 +73,18 @@ export interface CheckedWorkerOptions {
 }
 
 const QUEUE_KEYS = ['connection', 'prefix', 'maxAge', 'maxMessageSize', 'keepFinished'];
-const WORKER_KEYS = ['connection', 'prefix', 'transport', 'concurrency', 'retrySchedule', 'retryUnknown', 'onFinalFailure', 'lockDuration', 'stalledInterval', 'maxStalledCount'];
+const WORKER_KEYS = [
+  'connection',
+  'prefix',
+  'transport',
+  'concurrency',
+  'retrySchedule',
+  'retryUnknown',
+  'onFinalFailure',
+  'lockDuration',
+  'stalledInterval',
+  'maxStalledCount',
+];
 
 export function checkQueueOptions(options: MailQueueOptions): CheckedQueueOptions {
   checkCommon(options, QUEUE_KEYS);
@@ -86,9 +97,11 @@ export function checkQueueOptions(options: MailQueueOptions): CheckedQueueOption
 
 export function checkWorkerOptions(options: MailWorkerOptions): CheckedWorkerOptions {
   checkCommon(options, WORKER_KEYS);
-  if (typeof options.transport !== 'object' || options.transport === null) throw new ConfigError('transport', 'must be a BindingPoolTransport, a Nodemailer transporter made from one, or BindingPoolOptions');
+  if (typeof options.transport !== 'object' || options.transport === null)
+    throw new ConfigError('transport', 'must be a BindingPoolTransport, a Nodemailer transporter made from one, or BindingPoolOptions');
   const schedule = options.retrySchedule ?? DEFAULT_RETRY_SCHEDULE;
-  if (!Array.isArray(schedule) || schedule.length === 0) throw new ConfigError('retrySchedule', 'must be a non-empty list of durations, for example ["1min", "5min", "1h"]');
+  if (!Array.isArray(schedule) || schedule.length === 0)
+    throw new ConfigError('retrySchedule', 'must be a non-empty list of durations, for example ["1min", "5min", "1h"]');
   if (options.retryUnknown !== undefined && typeof options.retryUnknown !== 'boolean') throw new ConfigError('retryUnknown', 'must be true or false');
   if (options.onFinalFailure !== undefined && typeof options.onFinalFailure !== 'function') throw new ConfigError('onFinalFailure', 'must be a function');
   return {
@@ -104,14 +117,16 @@ export function checkWorkerOptions(options: MailWorkerOptions): CheckedWorkerOpt
 function checkCommon(options: CommonOptions, allowed: string[]): void {
   if (typeof options !== 'object' || options === null) throw new ConfigError('options', 'must be an object with at least `connection`');
   checkKeys(options as unknown as Record<string, unknown>, allowed, '');
-  if (options.connection === undefined) throw new ConfigError('connection', "is required: a Redis URL ('redis://127.0.0.1:6379'), an ioredis client or ioredis options");
+  if (options.connection === undefined)
+    throw new ConfigError('connection', "is required: a Redis URL ('redis://127.0.0.1:6379'), an ioredis client or ioredis options");
   if (options.prefix !== undefined && (typeof options.prefix !== 'string' || options.prefix === '' || options.prefix.includes(':')))
     throw new ConfigError('prefix', `must be a non-empty string without ':', got ${JSON.stringify(options.prefix)}`);
 }
 
 function duration(value: Duration, path: string): number {
   const ms = typeof value === 'number' ? value : parseDuration(value);
-  if (ms === undefined || !Number.isFinite(ms) || ms < 1) throw new ConfigError(path, `must be a duration in ms or text such as '5min', '4h', '5d', got ${JSON.stringify(value)}`);
+  if (ms === undefined || !Number.isFinite(ms) || ms < 1)
+    throw new ConfigError(path, `must be a duration in ms or text such as '5min', '4h', '5d', got ${JSON.stringify(value)}`);
   return ms;
 }
 

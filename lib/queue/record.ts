@@ -35,6 +35,8 @@ export interface MailRecord {
   from: string | false;
   binding?: string;
   bindingGroup?: string;
+  /** Nodemailer's `dsn` (RFC 3461 NOTIFY, RET, ENVID, ORCPT), passed on every attempt. */
+  dsn?: object;
   /** The message's size in bytes, as stored. */
   size: number;
   addedAt: number;

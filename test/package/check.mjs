@@ -75,7 +75,8 @@ try {
   const expected = ['CHANGELOG.md', 'LICENSE', 'README.md', 'dist', 'package.json'].filter((f) => f !== 'README.md' || readdirSync(repo).includes(f));
   assert.deepEqual(top, expected, 'files in the tarball');
   assert.deepEqual(readdirSync(join(installed, 'dist')).sort(), ['cjs', 'esm']);
-  assert.deepEqual(readdirSync(join(installed, 'dist', 'esm')).sort(), ['index.d.mts', 'index.mjs']);
+  assert.deepEqual(readdirSync(join(installed, 'dist', 'esm')).sort(), ['index.d.mts', 'index.mjs', 'queue']);
+  assert.deepEqual(readdirSync(join(installed, 'dist', 'esm', 'queue')).sort(), ['index.d.mts', 'index.mjs']);
   step(`tarball holds ${top.join(', ')}`);
 
   // 3. Runtime: import and require, each sending one message to a loopback SMTP server.
@@ -104,6 +105,28 @@ try {
     step(`node ${file}: ${stdout.trim()}`);
   }
   assert.deepEqual(received.map((m) => m.ehlo).sort(), ['cjs.mta1.test', 'esm.mta1.test'], 'each consumer delivered one message over binding mta1');
+
+  // The queue's subpath loads without its optional peers, and says what to install when used.
+  for (const [file, source] of Object.entries(queueConsumers())) writeFileSync(join(app, file), source);
+  for (const file of ['queue-esm.mjs', 'queue-cjs.cjs']) {
+    const { stdout } = await sh(process.execPath, [file], app);
+    step(`node ${file}: ${stdout.trim()}`);
+  }
+  // With them installed, the queue's types check too (below).
+  step('npm install bullmq ioredis');
+  await sh(
+    npm[0],
+    [
+      ...npm.slice(1),
+      'install',
+      '--no-audit',
+      '--no-fund',
+      '--prefer-offline',
+      `bullmq@${pkg.peerDependencies.bullmq}`,
+      `ioredis@${pkg.peerDependencies.ioredis}`,
+    ],
+    app,
+  );
 
   // 4. Types.
   for (const [file, source] of Object.entries(typeConsumers())) writeFileSync(join(app, file), source);
@@ -166,6 +189,24 @@ ${body('cjs')}
   };
 }
 
+function queueConsumers() {
+  const body = `
+assert.equal(typeof MailQueue, 'function');
+assert.equal(typeof MailWorker, 'function');
+assert.deepEqual(DEFAULT_RETRY_SCHEDULE, ['1min', '5min', '15min', '1h', '4h']);
+assert.throws(() => new MailQueue('outbound', { connection: 'redis://127.0.0.1:1' }), (err) => err.code === 'ECONFIG' && /npm install bullmq ioredis/.test(err.message));
+console.log('queue subpath loads; without bullmq: ' + (() => { try { new MailQueue('q', { connection: 'redis://127.0.0.1:1' }); } catch (err) { return err.message.slice(0, 90); } })());
+`;
+  return {
+    'queue-esm.mjs': `import assert from 'node:assert/strict';
+import { MailQueue, MailWorker, DEFAULT_RETRY_SCHEDULE } from '${pkg.name}/queue';
+${body}`,
+    'queue-cjs.cjs': `const assert = require('node:assert/strict');
+const { MailQueue, MailWorker, DEFAULT_RETRY_SCHEDULE } = require('${pkg.name}/queue');
+${body}`,
+  };
+}
+
 function typeConsumers() {
   // The type checks shared by every consumer; only the imports differ.
   const body = `
@@ -204,10 +245,22 @@ new BindingPoolTransport({ tls: 'sometimes' });
 export function isConfigError(err: unknown): err is ConfigError {
   return err instanceof ConfigError && err instanceof BindingPoolError;
 }
+
+export async function queue(): Promise<MailOutcome | undefined> {
+  const mailQueue = new MailQueue('outbound', { connection: 'redis://127.0.0.1:6379', maxAge: '5d' });
+  const worker = new MailWorker('outbound', { connection: 'redis://127.0.0.1:6379', transport, concurrency: 20, onFinalFailure: (f: FinalFailure) => void f.recipients });
+  worker.on('done', (outcome: MailOutcome) => void outcome.recipients);
+  const id: string = await mailQueue.add({ from: 'sender@example.com', to: 'rcpt@example.org', binding: 'mta1' });
+  // @ts-expect-error queue options are checked too
+  new MailQueue('outbound', { connection: 'redis://127.0.0.1:6379', maxAgee: '5d' });
+  return mailQueue.outcome(id);
+}
 `;
   const imports = `import nodemailer from 'nodemailer';
 import { BindingPoolError, BindingPoolTransport, ConfigError } from '${pkg.name}';
 import type { BindingPoolOptions, BindingPoolSentMessageInfo, DomainResult, RecipientOutcome, TransportStats } from '${pkg.name}';
+import { MailQueue, MailWorker } from '${pkg.name}/queue';
+import type { FinalFailure, MailOutcome } from '${pkg.name}/queue';
 `;
   const compilerOptions = {
     target: 'ES2022',

@@ -663,8 +663,9 @@ export class DestinationPool implements SlotOwner {
         // The reply rules read a greeting's (EHLO's, STARTTLS's) refusal before the gate does.
         refused: (reply) => this.policy.observe([reply], Date.now()),
       });
-      // A connection taken over from another pool has a past there.
-      if (takenOver(connection)) {
+      // A connection taken over from another pool has a past there (takenOver() is true once).
+      const adopted = takenOver(connection);
+      if (adopted) {
         this.adopted++;
         this.baselines.set(connection, { transactions: connection.transactions, deliveries: connection.deliveries, recipients: connection.recipients });
       } else {
@@ -673,7 +674,7 @@ export class DestinationPool implements SlotOwner {
       this.live.add(connection);
       this.gate.connected(connection);
       // A connection taken over holds its own pool's lease already.
-      if (takenOver(connection)) lease?.release();
+      if (adopted) lease?.release();
       else lease?.holdFor(connection);
       return connection;
     } catch (err) {

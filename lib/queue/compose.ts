@@ -3,8 +3,10 @@
  * bytes (composed once, by Nodemailer's own stream transport, so every attempt sends the same
  * bytes with the same Message-ID), its envelope and its binding choice.
  */
-import nodemailer, { type SendMailOptions } from 'nodemailer';
+import nodemailer, { type SendMailOptions, type SentMessageInfo, type Transport } from 'nodemailer';
+import type MailMessage from 'nodemailer/lib/mailer/mail-message';
 import { BindingPoolError, describeError } from '../errors';
+import { rawBytes, rawMessageId, readMessage } from '../message/bytes';
 import { assertCleanAddressFields, assertNoInjection, groupByDomain } from '../message/recipients';
 import type { BindingChoice } from '../policy/options';
 import type { MailRecord } from './record';
@@ -14,10 +16,40 @@ export interface ComposedMail {
   record: MailRecord;
 }
 
-type StreamInfo = { envelope: { from: string | false; to: string[] }; messageId: string; message: Buffer };
+interface Built {
+  envelope: { from: string | false; to: string[] };
+  messageId: string;
+  bytes: Buffer;
+}
 
-/** Composes into one Buffer with CRLF line ends (the form SMTP sends). */
-const composer = nodemailer.createTransport({ streamTransport: true, buffer: true, newline: 'windows' });
+/**
+ * A Nodemailer transport that only builds: what sendMail() would put on the wire through this
+ * package's transport (Bcc left out of the headers, Nodemailer's plugins applied), read into one
+ * Buffer. A raw message without a Message-ID gets one here, so that every attempt, and every
+ * report, carries the same.
+ */
+const builder: Transport<SentMessageInfo> = {
+  name: 'BindingPoolQueueBuilder',
+  version: '1',
+  send(mail: MailMessage<SentMessageInfo>, callback: (err: Error | null, info: Built) => void): void {
+    const envelope = mail.message.getEnvelope() as Built['envelope'];
+    const raw = mail.data.raw !== undefined ? rawBytes(mail.message) : undefined;
+    const reading = raw ? Promise.resolve([raw]) : readMessage(mail.message);
+    reading.then(
+      (chunks) => {
+        let bytes = Buffer.concat(chunks);
+        let messageId = mail.data.raw !== undefined ? rawMessageId(bytes) : mail.message.messageId();
+        if (messageId === undefined) {
+          messageId = mail.message.messageId();
+          bytes = Buffer.concat([Buffer.from(`Message-ID: ${messageId}\r\n`), bytes]);
+        }
+        callback(null, { envelope, messageId, bytes });
+      },
+      (err: Error) => callback(err, undefined as never),
+    );
+  },
+};
+const composer = nodemailer.createTransport(builder);
 
 /** When a message is added, when it is first due (later with a delay), and when its undelivered recipients expire. */
 export interface QueueTimes {
@@ -31,9 +63,9 @@ export async function compose(mail: SendMailOptions & BindingChoice, times: Queu
     throw new BindingPoolError('EMESSAGE', 'add() takes a message object (Nodemailer’s sendMail() fields); nothing was queued');
   // The checks the transport makes before a byte goes out, made before anything is stored.
   assertCleanAddressFields(mail);
-  let info: StreamInfo;
+  let info: Built;
   try {
-    info = (await composer.sendMail(mail)) as unknown as StreamInfo;
+    info = (await composer.sendMail(mail)) as unknown as Built;
   } catch (err) {
     throw new BindingPoolError('EMESSAGE', `the message could not be built: ${describeError(err)}; nothing was queued`, { cause: err });
   }
@@ -42,7 +74,7 @@ export async function compose(mail: SendMailOptions & BindingChoice, times: Queu
   const { byDomain, invalid } = groupByDomain(info.envelope.to);
   const addresses = [...[...byDomain.values()].flat().map((r) => r.address), ...invalid.map((r) => r.address)];
   if (addresses.length === 0) throw new BindingPoolError('ENORECIPIENTS', 'the message has no recipients; nothing was queued');
-  const bytes = info.message;
+  const { bytes } = info;
   if (bytes.length > maxMessageSize)
     throw new BindingPoolError('ESIZE', `the message is ${bytes.length} bytes, over the queue's maxMessageSize of ${maxMessageSize}; nothing was queued`);
   const record: MailRecord = {

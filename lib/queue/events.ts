@@ -1,26 +1,36 @@
 /**
  * A message's final outcome in any process: BullMQ's QueueEvents (a Redis stream) carries each
- * completed job's final record, turned here into a MailOutcome. Emits `done` (MailOutcome) and
- * `error`.
+ * completed job's final record, and each failed job's id (its outcome is then read from the job),
+ * turned here into a MailOutcome. Emits `done` (MailOutcome) and `error`.
  */
 import { EventEmitter } from 'node:events';
-import type { QueueEvents } from 'bullmq';
+import type { Job, Queue, QueueEvents } from 'bullmq';
 import { ConfigError } from '../errors';
-import { connect, loadBullmq, reportError, type QueueRedis } from './redis';
-import { toOutcome } from './outcome';
+import { connect, loadBullmq, reportError, type QueueConnection, type QueueRedis } from './redis';
+import { jobOutcome, toOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
-import type { QueueConnection } from './redis';
 
 export interface MailQueueEventsOptions {
   connection: QueueConnection;
   prefix?: string;
 }
 
-export class MailQueueEvents extends EventEmitter {
+/** MailQueueEvents' events. */
+export interface MailQueueEventsMap {
+  /** Every recipient of a message is final (from any worker, in any process). */
+  done: [outcome: MailOutcome];
+  error: [err: Error];
+}
+
+export class MailQueueEvents extends EventEmitter<MailQueueEventsMap> {
   /** The BullMQ QueueEvents underneath. */
   readonly events: QueueEvents;
-  /** Its blocking connection: made here (from options, or a duplicate of your client), so closed here. */
-  private readonly redis: QueueRedis;
+  /** For reading a failed job. */
+  private readonly queue: Queue<MailRecord>;
+  /** QueueEvents blocks on its connection (XREAD): one made here, so closed here. */
+  private readonly blocking: QueueRedis;
+  private readonly client: QueueRedis;
+  private readonly ownsClient: boolean;
 
   constructor(
     readonly name: string,
@@ -28,16 +38,20 @@ export class MailQueueEvents extends EventEmitter {
   ) {
     super();
     if (typeof options !== 'object' || options === null || options.connection === undefined) throw new ConfigError('connection', 'is required');
-    const { QueueEvents } = loadBullmq();
-    // QueueEvents blocks on its connection (XREAD): it gets one of its own.
-    const { redis, owned } = connect(options.connection);
-    this.redis = owned ? redis : redis.duplicate();
-    this.events = new QueueEvents(name, { connection: this.redis as never, prefix: options.prefix ?? 'bull' });
+    const { Queue, QueueEvents } = loadBullmq();
+    const prefix = options.prefix ?? 'bull';
+    ({ redis: this.client, owned: this.ownsClient } = connect(options.connection, 'producer'));
+    // BullMQ wants a blocking connection to wait through Redis's absence (maxRetriesPerRequest null).
+    this.blocking = this.client.duplicate({ maxRetriesPerRequest: null });
+    this.queue = new Queue<MailRecord>(name, { connection: this.client as never, prefix });
+    this.events = new QueueEvents(name, { connection: this.blocking as never, prefix });
     this.events.on('completed', ({ jobId, returnvalue }) => {
       const record = (typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue) as MailRecord | undefined;
       if (record?.version === 1) this.emit('done', toOutcome(jobId, record));
     });
+    this.events.on('failed', ({ jobId }) => void this.failed(jobId));
     this.events.on('error', (err) => reportError(this, err));
+    this.queue.on('error', (err) => reportError(this, err));
   }
 
   async waitUntilReady(): Promise<void> {
@@ -46,6 +60,18 @@ export class MailQueueEvents extends EventEmitter {
 
   async close(): Promise<void> {
     await this.events.close();
-    await this.redis.quit().catch(() => undefined);
+    await this.queue.close();
+    await this.blocking.quit().catch(() => undefined);
+    if (this.ownsClient) await this.client.quit().catch(() => undefined);
+  }
+
+  /** A failed attempt that BullMQ will not retry ends the message: its unfinished recipients are unknown. */
+  private async failed(jobId: string): Promise<void> {
+    try {
+      const job = (await this.queue.getJob(jobId)) as Job<MailRecord, MailRecord> | undefined;
+      if (job?.finishedOn && job.data?.version === 1) this.emit('done', jobOutcome(job));
+    } catch (err) {
+      reportError(this, err);
+    }
   }
 }

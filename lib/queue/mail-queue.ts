@@ -8,10 +8,11 @@ import { EventEmitter } from 'node:events';
 import type { SendMailOptions } from 'nodemailer';
 import type { Job, JobsOptions, Queue } from 'bullmq';
 import type { BindingChoice } from '../policy/options';
+import { ConfigError } from '../errors';
 import { compose } from './compose';
 import { checkQueueOptions, type CheckedQueueOptions, type MailQueueOptions } from './options';
 import { connect, loadBullmq, MessageStore, reportError, type QueueRedis } from './redis';
-import { toOutcome, type MailOutcome } from './outcome';
+import { jobOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
 
 /** BullMQ's job name for every queued message. */
@@ -34,8 +35,14 @@ export interface AddOptions {
 
 export type QueuedMail = SendMailOptions & BindingChoice;
 
+/** BullMQ's rules for a custom job id, checked before anything is stored. */
+function checkJobId(id: unknown): void {
+  if (typeof id !== 'string' || id === '' || id.includes(':') || String(parseInt(id, 10)) === id)
+    throw new ConfigError('jobId', `must be a non-empty string that is not an integer and has no ':' (BullMQ's rule), got ${JSON.stringify(id)}`);
+}
+
 /** Emits `error` (Redis or BullMQ trouble; calls wait for Redis to come back rather than fail). */
-export class MailQueue extends EventEmitter {
+export class MailQueue extends EventEmitter<{ error: [err: Error] }> {
   /** The BullMQ queue underneath (for its own API: counts, pause, clean). */
   readonly queue: Queue<MailRecord>;
   private readonly options: CheckedQueueOptions;
@@ -50,7 +57,7 @@ export class MailQueue extends EventEmitter {
     super();
     this.options = checkQueueOptions(options);
     const { Queue } = loadBullmq();
-    ({ redis: this.redis, owned: this.ownsRedis } = connect(options.connection));
+    ({ redis: this.redis, owned: this.ownsRedis } = connect(options.connection, 'producer'));
     const prefix = options.prefix ?? 'bull';
     this.queue = new Queue<MailRecord>(name, { connection: this.redis as never, prefix });
     this.queue.on('error', (err) => reportError(this, err));
@@ -65,7 +72,12 @@ export class MailQueue extends EventEmitter {
 
   /** Queues several messages in one round trip per step; resolves with their ids in order. */
   async addBulk(mails: readonly QueuedMail[], options: AddOptions = {}): Promise<string[]> {
-    if (options.jobId !== undefined && mails.length !== 1) throw new TypeError('addBulk(): a jobId names one message; give each message its own add()');
+    if (options.jobId !== undefined) {
+      if (mails.length !== 1) throw new TypeError('addBulk(): a jobId names one message; give each message its own add()');
+      checkJobId(options.jobId);
+      // Added before (and not yet removed): nothing more is stored (BullMQ would ignore the job; its bytes would stay behind).
+      if (await this.queue.getJob(options.jobId)) return [options.jobId];
+    }
     const addedAt = Date.now();
     const delay = options.delay ?? 0;
     // maxAge counts from when the message is first due.
@@ -84,17 +96,7 @@ export class MailQueue extends EventEmitter {
   /** Where a message's recipients stand, or undefined when the id is unknown (never added, or finished longer ago than keepFinished). */
   async outcome(id: string): Promise<MailOutcome | undefined> {
     const job = (await this.queue.getJob(id)) as Job<MailRecord, MailRecord> | undefined;
-    if (!job) return undefined;
-    if (job.returnvalue) return toOutcome(id, job.returnvalue);
-    const outcome = toOutcome(id, job.data);
-    // A message whose workers kept dying (maxStalledCount) or that failed otherwise: what was
-    // being sent may or may not have arrived.
-    if ((await job.getState()) === 'failed') {
-      outcome.state = 'done';
-      for (const r of outcome.recipients)
-        if (r.status === 'queued') Object.assign(r, { status: 'unknown', response: `outcome unknown: ${job.failedReason}`, nextAttemptAt: undefined });
-    }
-    return outcome;
+    return job ? jobOutcome(job) : undefined;
   }
 
   async close(): Promise<void> {

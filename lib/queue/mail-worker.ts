@@ -19,19 +19,36 @@ import type { DomainResult } from '../delivery/deliver';
 import { describeError } from '../errors';
 import { checkWorkerOptions, type CheckedWorkerOptions, type MailWorkerOptions } from './options';
 import { connect, loadBullmq, MessageStore, reportError, type BullMq, type QueueRedis } from './redis';
-import { applyAttempt, dueRecipients, endQueued, nextAttemptAt, type AttemptOutcome, type AttemptResult, type MailRecord } from './record';
-import { finalEvent, toOutcome } from './outcome';
+import { groupByDomain } from '../message/recipients';
+import {
+  applyAttempt,
+  dueRecipients,
+  endFailed,
+  endQueued,
+  nextAttemptAt,
+  type AttemptOutcome,
+  type AttemptResult,
+  type MailRecord,
+  type RecipientRecord,
+} from './record';
+import { finalEvent, toOutcome, type FinalEvent, type MailOutcome } from './outcome';
 
-/** Whole-message errors no later attempt can change: the message or its binding is wrong. */
-const PERMANENT_CODES = new Set(['EBINDING', 'EADDRESS', 'ENORECIPIENTS', 'EMESSAGE', 'ECONFIG', 'ESIZE']);
+/** Whole-message errors no later attempt can change: the message's own addresses or size. */
+const PERMANENT_CODES = new Set(['EADDRESS', 'ENORECIPIENTS', 'ESIZE']);
 
 type Sender = Pick<Transporter<SentMessageInfo>, 'sendMail'>;
 
-/**
- * Events: `final` (FinalEvent: recipients that became final in an attempt), `done` (MailOutcome:
- * every recipient of a message is final), `error` (Redis or BullMQ trouble; the worker goes on).
- */
-export class MailWorker extends EventEmitter {
+/** A MailWorker's events. */
+export interface MailWorkerEvents {
+  /** Recipients an attempt made final, once that is recorded. */
+  final: [event: FinalEvent];
+  /** Every recipient of a message is final (recorded). */
+  done: [outcome: MailOutcome];
+  /** Redis or BullMQ trouble, a listener or hook that threw, a send the worker could not make; the worker goes on. */
+  error: [err: Error];
+}
+
+export class MailWorker extends EventEmitter<MailWorkerEvents> {
   /** The BullMQ worker underneath. */
   readonly worker: Worker<MailRecord, MailRecord>;
   private readonly options: CheckedWorkerOptions;
@@ -43,6 +60,8 @@ export class MailWorker extends EventEmitter {
   private readonly ownTransport: BindingPoolTransport | undefined;
   private readonly bullmq: BullMq;
   private closing: Promise<void> | undefined;
+  /** Recipients made final by a job's last attempt, announced once BullMQ has recorded its completion. */
+  private readonly completing = new Map<string, RecipientRecord[]>();
 
   constructor(
     readonly name: string,
@@ -52,7 +71,7 @@ export class MailWorker extends EventEmitter {
     this.options = checkWorkerOptions(settings);
     this.bullmq = loadBullmq();
     ({ sender: this.sender, owned: this.ownTransport } = senderFor(settings.transport));
-    ({ redis: this.redis, owned: this.ownsRedis } = connect(settings.connection));
+    ({ redis: this.redis, owned: this.ownsRedis } = connect(settings.connection, 'worker'));
     const prefix = settings.prefix ?? 'bull';
     this.store = new MessageStore(this.redis, `${prefix}:${name}:`);
     const { concurrency, lockDuration, stalledInterval, maxStalledCount } = this.options;
@@ -65,10 +84,7 @@ export class MailWorker extends EventEmitter {
       maxStalledCount,
     });
     this.worker.on('completed', (job, record) => this.finished(job.id!, record));
-    this.worker.on('failed', (job, err) => {
-      if (job && job.finishedOn) this.store.delete(job.id!).catch(() => undefined);
-      this.report(new Error(`message ${job?.id ?? '?'} failed: ${describeError(err)}`, { cause: err }));
-    });
+    this.worker.on('failed', (job, err) => this.failed(job, err));
     this.worker.on('error', (err) => this.report(err));
   }
 
@@ -90,50 +106,79 @@ export class MailWorker extends EventEmitter {
   private async process(job: Job<MailRecord, MailRecord>, token: string | undefined): Promise<MailRecord> {
     const id = job.id!;
     let record = job.data;
+    // A run that died after recording failures but before the bounce hook returned: the hook again, first.
+    if (record.unannounced) record = await this.announce(job, record);
+    let settled: RecipientRecord[] = [];
     const due = dueRecipients(record, Date.now());
-    if (due.length > 0) {
-      const result = await this.attempt(id, record, due);
-      await this.settled(id, result);
-      record = result.record;
-    }
+    if (due.length > 0) ({ record, settled } = await this.attempt(job, record, due));
+    const failures = settled.filter((r) => r.status === 'rejected' || r.status === 'expired').map((r) => r.address);
+    if (failures.length > 0 && this.settings.onFinalFailure) record = await this.announce(job, { ...record, unannounced: failures });
     const next = nextAttemptAt(record);
-    if (next === undefined) return record;
+    if (next === undefined) {
+      // Completing the job records the final states; 'final' and 'done' follow (see finished()).
+      this.completing.set(id, settled);
+      return record;
+    }
     // Recorded before the job leaves this worker: a crash from here on resends nothing recorded.
     await job.updateData(record);
+    this.emitSafely('final', finalEvent(id, record, settled));
     await job.moveToDelayed(next, token);
     throw new this.bullmq.DelayedError();
   }
 
-  /** Sends the due recipients once and turns the transport's report into the next record. */
-  private async attempt(id: string, record: MailRecord, due: string[]): Promise<AttemptResult> {
-    const bytes = await this.store.read(id, record.size);
-    const now = (): number => Date.now();
-    if (!bytes) {
-      const expired = now() >= record.expiresAt;
+  /**
+   * Sends the due recipients once, one sendMail per destination domain, and records each
+   * domain's outcomes as they come while others are still going (a slow domain does not keep a
+   * fast one's outcomes unrecorded, which is the window a crash can duplicate them in).
+   */
+  private async attempt(job: Job<MailRecord, MailRecord>, record: MailRecord, due: string[]): Promise<AttemptResult> {
+    const id = job.id!;
+    const first = await this.store.read(id, record.size);
+    if (!first) {
+      const expired = Date.now() >= record.expiresAt;
       const why = expired ? 'not delivered within maxAge, and its bytes are gone from Redis' : 'its bytes are missing from Redis; it cannot be sent';
-      return endQueued(record, expired ? 'expired' : 'rejected', `the queued message ${why}`, now());
+      return endQueued(record, expired ? 'expired' : 'rejected', `the queued message ${why}`, Date.now());
     }
-    const outcomes = await this.send(record, due, bytes);
-    return applyAttempt(record, outcomes, now(), { schedule: this.options.retrySchedule, retryUnknown: this.options.retryUnknown });
+    const policy = { schedule: this.options.retrySchedule, retryUnknown: this.options.retryUnknown };
+    const groups = domainGroups(due);
+    let current = record;
+    const settled: RecipientRecord[] = [];
+    let left = groups.length;
+    let writes = Promise.resolve();
+    await Promise.all(
+      groups.map(async (addresses, i) => {
+        // A Buffer serves every domain; a stream is read once per domain.
+        const raw = i === 0 || Buffer.isBuffer(first) ? first : await this.store.read(id, record.size);
+        const outcomes = raw ? await this.send(current, addresses, raw) : unsent(addresses, 'the queued message’s bytes went missing during the attempt');
+        const result = applyAttempt(current, outcomes, Date.now(), policy);
+        current = result.record;
+        settled.push(...result.settled);
+        const snapshot = current;
+        if (--left > 0) writes = writes.then(() => job.updateData(snapshot));
+      }),
+    );
+    await writes;
+    return { record: current, settled };
   }
 
   private async send(record: MailRecord, due: string[], raw: Buffer | Readable): Promise<Map<string, AttemptOutcome>> {
-    const outcomes = new Map<string, AttemptOutcome>();
     let domains: DomainResult[];
     try {
       const mail = { envelope: { from: record.from, to: due }, raw, binding: record.binding, bindingGroup: record.bindingGroup, dsn: record.dsn };
       domains = ((await this.sender.sendMail(mail as never)) as BindingPoolSentMessageInfo).domains;
     } catch (err) {
       const withDomains = (err as { domains?: DomainResult[] }).domains;
-      if (!withDomains) {
-        // The whole message failed before any recipient had an outcome.
+      if (withDomains) domains = withDomains;
+      else {
+        // The whole send failed before any recipient had an outcome: final only when the message
+        // itself is at fault; a worker's own trouble (its options, a read) is a retry, and reported.
         const code = (err as { code?: string }).code ?? '';
-        const status = PERMANENT_CODES.has(code) ? 'rejected' : 'pending';
-        for (const address of due) outcomes.set(address, { status, response: describeError(err) });
-        return outcomes;
+        if (PERMANENT_CODES.has(code)) return new Map(due.map((address) => [address, { status: 'rejected', response: describeError(err) }]));
+        this.report(new Error(`message ${record.messageId}: ${describeError(err)}; its recipients go again`, { cause: err }));
+        return unsent(due, describeError(err));
       }
-      domains = withDomains;
     }
+    const outcomes = new Map<string, AttemptOutcome>();
     for (const domain of domains)
       for (const outcome of [...domain.accepted, ...domain.rejected, ...domain.pending]) {
         const recorded: AttemptOutcome = { status: outcome.status, response: outcome.response };
@@ -147,23 +192,54 @@ export class MailWorker extends EventEmitter {
     return outcomes;
   }
 
-  /** Tells the application about the recipients an attempt made final, the failures first through its hook (before they are recorded: a crash calls it again). */
-  private async settled(id: string, { record, settled }: AttemptResult): Promise<void> {
-    if (settled.length === 0) return;
-    const failures = settled.filter((r) => r.status === 'rejected' || r.status === 'expired');
-    if (failures.length > 0 && this.settings.onFinalFailure) {
-      try {
-        await this.settings.onFinalFailure({ ...finalEvent(id, record, failures), outcome: toOutcome(id, record) });
-      } catch (err) {
-        this.report(new Error(`onFinalFailure threw for message ${id}: ${describeError(err)}`, { cause: err }));
-      }
+  /**
+   * Calls onFinalFailure for the record's `unannounced` recipients once their final states are
+   * recorded (so a slow hook never widens the window in which a crash duplicates deliveries);
+   * a crash before it returns leaves them unannounced, and the next run calls it again.
+   */
+  private async announce(job: Job<MailRecord, MailRecord>, record: MailRecord): Promise<MailRecord> {
+    const { unannounced = [], ...announced } = record;
+    if (!this.settings.onFinalFailure) return announced;
+    await job.updateData(record);
+    const failures = record.recipients.filter((r) => unannounced.includes(r.address));
+    try {
+      await this.settings.onFinalFailure({ ...finalEvent(job.id!, record, failures), outcome: toOutcome(job.id!, record) });
+    } catch (err) {
+      this.report(new Error(`onFinalFailure threw for message ${job.id}: ${describeError(err)}`, { cause: err }));
     }
-    this.emit('final', finalEvent(id, record, settled));
+    return announced;
   }
 
+  /** A job completed with its final record: the events, then the bytes go. */
   private finished(id: string, record: MailRecord): void {
+    const settled = this.completing.get(id) ?? [];
+    this.completing.delete(id);
     this.store.delete(id).catch((err: Error) => this.report(err));
-    this.emit('done', toOutcome(id, record));
+    this.emitSafely('final', finalEvent(id, record, settled));
+    this.emitSafely('done', toOutcome(id, record));
+  }
+
+  /**
+   * A job BullMQ failed (its processor threw on every try, or its workers died maxStalledCount
+   * times): its unfinished recipients end as unknown. The bytes stay (until their TTL), so that
+   * BullMQ's job.retry() can take it up again.
+   */
+  private failed(job: Job<MailRecord, MailRecord> | undefined, err: Error): void {
+    this.report(new Error(`message ${job?.id ?? '?'} failed: ${describeError(err)}`, { cause: err }));
+    if (job?.id) this.completing.delete(job.id);
+    if (!job?.finishedOn) return;
+    const { record, settled } = endFailed(job.data, describeError(err), job.finishedOn);
+    this.emitSafely('final', finalEvent(job.id!, record, settled));
+    this.emitSafely('done', toOutcome(job.id!, record));
+  }
+
+  /** A listener that throws must not fail the job (which would send its recipients again). */
+  private emitSafely<E extends 'final' | 'done'>(event: E, ...payload: MailWorkerEvents[E]): void {
+    try {
+      (this.emit as (event: E, ...args: MailWorkerEvents[E]) => boolean)(event, ...payload);
+    } catch (err) {
+      this.report(new Error(`a '${event}' listener threw: ${describeError(err)}`, { cause: err }));
+    }
   }
 
   private report(err: Error): void {
@@ -177,4 +253,17 @@ function senderFor(transport: MailWorkerOptions['transport']): { sender: Sender;
   if (typeof (transport as Sender).sendMail === 'function') return { sender: transport as Sender };
   const owned = new BindingPoolTransport(transport as BindingPoolOptions);
   return { sender: nodemailer.createTransport(owned), owned };
+}
+
+/** The addresses by destination domain (unparseable ones together): one send each. */
+function domainGroups(addresses: readonly string[]): string[][] {
+  const { byDomain, invalid } = groupByDomain(addresses);
+  const groups = [...byDomain.values()].map((recipients) => recipients.map((r) => r.address));
+  if (invalid.length > 0) groups.push(invalid.map((r) => r.address));
+  return groups;
+}
+
+/** The same pending outcome for each address: nothing reached a server. */
+function unsent(addresses: readonly string[], response: string): Map<string, AttemptOutcome> {
+  return new Map(addresses.map((address) => [address, { status: 'pending', response }]));
 }

@@ -3,7 +3,8 @@
  * queued) with the last server reply and the attempt count. Built from the stored record, with
  * Dates where the record keeps ms.
  */
-import type { FinalStatus, MailRecord, QueuedStatus, RecipientRecord } from './record';
+import type { Job } from 'bullmq';
+import { endFailed, type FinalStatus, type MailRecord, type QueuedStatus, type RecipientRecord } from './record';
 
 export interface QueuedRecipientState {
   address: string;
@@ -65,4 +66,12 @@ export function toOutcome(id: string, record: MailRecord): MailOutcome {
 
 export function finalEvent(id: string, record: MailRecord, settled: readonly RecipientRecord[]): FinalEvent {
   return { id, messageId: record.messageId, recipients: settled.map(recipientState) as FinalEvent['recipients'] };
+}
+
+/** Where a job's message stands: its final record once completed, its unfinished recipients unknown once failed, else its current record. */
+export function jobOutcome(job: Job<MailRecord, MailRecord>): MailOutcome {
+  const id = job.id!;
+  if (job.returnvalue) return toOutcome(id, job.returnvalue);
+  if (job.finishedOn && job.failedReason) return toOutcome(id, endFailed(job.data, job.failedReason, job.finishedOn).record);
+  return toOutcome(id, job.data);
 }

@@ -42,6 +42,8 @@ export interface MailRecord {
   addedAt: number;
   expiresAt: number;
   recipients: RecipientRecord[];
+  /** Recipients whose final failure is recorded but onFinalFailure has not returned for yet (a crash calls it again). */
+  unannounced?: string[];
 }
 
 /** One recipient's outcome in one attempt, as the transport reported it. */
@@ -123,4 +125,9 @@ export function endQueued(record: MailRecord, status: FinalStatus, response: str
     return next;
   });
   return { record: { ...record, recipients }, settled };
+}
+
+/** A message BullMQ failed (its processor threw on every try, or its workers kept dying): what was being sent may have arrived. */
+export function endFailed(record: MailRecord, reason: string, at: number): AttemptResult {
+  return endQueued(record, 'unknown', `outcome unknown: the message failed in the queue (${reason})`, at);
 }

@@ -5,9 +5,9 @@
  * record). The bytes are read whole when small, and in 1 MiB ranges as a stream when large, so a
  * worker's transport reads them only when its read-ahead budget has room (maxReadAheadBytes).
  */
-import type { EventEmitter } from 'node:events';
 import { createRequire } from 'node:module';
 import { Readable } from 'node:stream';
+import type { Redis, RedisOptions } from 'ioredis';
 import { ConfigError, describeError } from '../errors';
 import { queueLog } from '../log';
 import { loadIoredis } from '../coordination/redis-store';
@@ -21,11 +21,11 @@ export interface QueueRedis {
   del(...keys: string[]): Promise<number>;
   pexpire(key: string, ms: number): Promise<number>;
   quit(): Promise<unknown>;
-  duplicate(): QueueRedis;
+  duplicate(override?: object): QueueRedis;
 }
 
 /** Where the queue's Redis is: a URL, an ioredis client (used as it is), or ioredis options. */
-export type QueueConnection = string | QueueRedis | Record<string, unknown>;
+export type QueueConnection = string | Redis | RedisOptions;
 
 export type BullMq = typeof import('bullmq');
 
@@ -37,30 +37,37 @@ export function loadBullmq(): BullMq {
   }
 }
 
-function isClient(value: unknown): value is QueueRedis {
+function isClient(value: unknown): boolean {
   return typeof value === 'object' && value !== null && typeof (value as { duplicate?: unknown }).duplicate === 'function';
 }
 
 /**
- * The client to use and whether this object owns it. BullMQ's workers need
- * `maxRetriesPerRequest: null`; with it, commands wait through a Redis restart instead of
- * failing, which is what lets a queue ride out one.
+ * The client to use and whether this object owns it. BullMQ's workers (and QueueEvents) need
+ * `maxRetriesPerRequest: null`; with it, their commands wait through a Redis restart instead of
+ * failing, which is what lets a worker ride out one and record its outcomes after it.
  */
-export function connect(connection: unknown): { redis: QueueRedis; owned: boolean } {
-  if (isClient(connection)) return { redis: connection, owned: false };
+export function connect(connection: unknown, use: 'worker' | 'producer'): { redis: QueueRedis; owned: boolean } {
+  if (isClient(connection)) return { redis: connection as QueueRedis, owned: false };
   const Redis = loadIoredis('connection') as unknown as new (...args: unknown[]) => QueueRedis;
-  const options = { maxRetriesPerRequest: null };
+  // A producer's add() fails after ioredis's retries (20) instead of waiting for Redis forever.
+  const options = use === 'worker' ? { maxRetriesPerRequest: null } : {};
   if (typeof connection === 'string') return { redis: new Redis(connection, options), owned: true };
   if (typeof connection === 'object' && connection !== null) return { redis: new Redis({ ...connection, ...options }), owned: true };
   throw new ConfigError('connection', `must be a Redis URL ('redis://127.0.0.1:6379'), an ioredis client or ioredis options, got ${String(connection)}`);
+}
+
+/** What reportError needs of an emitter with an `error` event. */
+interface ErrorEmitter {
+  listenerCount(event: 'error'): number;
+  emit(event: 'error', err: Error): boolean;
 }
 
 /**
  * Hands Redis or BullMQ trouble to the emitter's 'error' listeners, or only logs it when there
  * are none (an 'error' event nobody listens to would throw; BullMQ's own classes would print it).
  */
-export function reportError(emitter: EventEmitter, err: unknown): void {
-  if (emitter.listenerCount('error') > 0) emitter.emit('error', err);
+export function reportError(emitter: ErrorEmitter, err: unknown): void {
+  if (emitter.listenerCount('error') > 0) emitter.emit('error', err instanceof Error ? err : new Error(describeError(err)));
   else queueLog('%s', describeError(err));
 }
 
@@ -92,7 +99,13 @@ export class MessageStore {
     const redis = this.redis;
     return Readable.from(
       (async function* () {
-        for (let start = 0; start < size; start += RANGE) yield await redis.getrangeBuffer(key, start, Math.min(start + RANGE, size) - 1);
+        for (let start = 0; start < size; start += RANGE) {
+          const end = Math.min(start + RANGE, size);
+          const chunk = await redis.getrangeBuffer(key, start, end - 1);
+          // A key removed mid-read gives empty ranges: fail the read rather than send a cut message.
+          if (chunk.length !== end - start) throw new Error(`the queued message's bytes changed while being read (${key})`);
+          yield chunk;
+        }
       })(),
       { objectMode: false },
     );

@@ -249,7 +249,10 @@ export function isConfigError(err: unknown): err is ConfigError {
 export async function queue(): Promise<MailOutcome | undefined> {
   const mailQueue = new MailQueue('outbound', { connection: 'redis://127.0.0.1:6379', maxAge: '5d' });
   const worker = new MailWorker('outbound', { connection: 'redis://127.0.0.1:6379', transport, concurrency: 20, onFinalFailure: (f: FinalFailure) => void f.recipients });
-  worker.on('done', (outcome: MailOutcome) => void outcome.recipients);
+  worker.on('done', (outcome) => void outcome.recipients);
+  worker.on('final', (event) => void event.recipients.map((r) => r.status));
+  // @ts-expect-error the worker's events are typed: a misspelt one is an error
+  worker.on('dnoe', () => undefined);
   const id: string = await mailQueue.add({ from: 'sender@example.com', to: 'rcpt@example.org', binding: 'mta1' });
   // @ts-expect-error queue options are checked too
   new MailQueue('outbound', { connection: 'redis://127.0.0.1:6379', maxAgee: '5d' });

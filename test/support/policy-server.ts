@@ -95,6 +95,8 @@ export interface PolicyServerOptions {
   mailReply?: (context: { session: PolicySession; accepted: number }) => PolicyReply | undefined;
   /** A reply for a RCPT TO, decided by the test (undefined: accept it): greylisting, a permanent 5xx. */
   rcptReply?: (context: { address: string; from: string; session: PolicySession }) => PolicyReply | undefined;
+  /** Keep each accepted message's bytes (`accepted[].body`). Default false. */
+  keepBodies?: boolean;
   /** Wait this long before answering the final dot (a slow receiver: transactions in flight for a while). Default 0. */
   dataDelayMs?: number;
   /** Keep smtp-server's 100 ms early-talker pause before the greeting. Default false (faster runs). */
@@ -142,6 +144,8 @@ export interface AcceptedMessage {
   subject?: string;
   /** Bytes of the message as received (after dot-unstuffing). */
   bytes: number;
+  /** The message itself, with `keepBodies`. */
+  body?: Buffer;
 }
 
 export interface PolicySession {
@@ -386,8 +390,10 @@ export class PolicyServer extends LoopbackServer {
         const session = this.byId.get(smtpSession.id);
         let bytes = 0;
         let head = '';
+        const chunks: Buffer[] = [];
         stream.on('data', (chunk: Buffer) => {
           bytes += chunk.length;
+          if (this.options.keepBodies) chunks.push(chunk);
           if (head.length < 65_536 && !/\r?\n\r?\n/.test(head)) head += chunk.toString('latin1');
         });
         stream.on('error', () => undefined);
@@ -404,6 +410,7 @@ export class PolicyServer extends LoopbackServer {
             messageId: /^Message-ID:\s*(.*)$/im.exec(headers)?.[1]?.trim(),
             subject: /^Subject:\s*(.*)$/im.exec(headers)?.[1]?.trim(),
             bytes,
+            ...(this.options.keepBodies && { body: Buffer.concat(chunks) }),
           });
           session.messages++;
           this.count(session.remoteAddress, (c) => {

@@ -8,6 +8,7 @@
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
+import { readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import Redis from 'ioredis';
 import type { SendMailOptions } from 'nodemailer';
@@ -37,6 +38,11 @@ const GREYLISTED: PolicyReply = { code: 451, message: '4.7.1 greylisted, try aga
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
 if (!haveRedisServer()) throw new Error('redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)');
+
+// The worker processes run dist/: a build older than lib/queue would test old code.
+const built = statSync(join(__dirname, '..', 'dist', 'cjs', 'queue', 'mail-worker.js'), { throwIfNoEntry: false })?.mtimeMs ?? 0;
+const sources = readdirSync(join(__dirname, '..', 'lib', 'queue')).map((f) => statSync(join(__dirname, '..', 'lib', 'queue', f)).mtimeMs);
+if (built < Math.max(...sources)) throw new Error('dist/ is older than lib/queue: run `npm run build` first (npm test does)');
 
 let redis: RedisServer;
 beforeAll(async () => {
@@ -380,19 +386,25 @@ describe('messages', () => {
 });
 
 describe('crash safety', () => {
-  function startChild(name: string, route: { host: string; port: number }, worker: Partial<MailWorkerOptions> = {}): Promise<ChildProcess> {
+  function startChild(
+    name: string,
+    route: { host: string; port: number },
+    worker: Partial<MailWorkerOptions> = {},
+    hook?: 'report' | 'hang',
+  ): Promise<ChildProcess> {
     const options = {
       name,
       connection: redis.url,
       transport: transportOptions(route),
       worker: { concurrency: 8, retrySchedule: ['300ms'], lockDuration: 1_500, stalledInterval: 500, ...worker },
+      hook,
     };
     const child = fork(join(__dirname, 'fixtures', 'queue-worker.cjs'), [JSON.stringify(options)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     onCleanup(async () => {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     });
     return new Promise((resolve, reject) => {
-      child.once('message', () => resolve(child));
+      child.once('message', (message) => message === 'ready' && resolve(child));
       child.once('exit', (code) => reject(new Error(`the worker exited (${code}) before it was ready`)));
     });
   }
@@ -459,6 +471,28 @@ describe('crash safety', () => {
       'final outcomes': `${statuses.length} (all accepted)`,
       'server pairs': counts.size,
     });
+  });
+
+  test('a worker killed inside onFinalFailure: the next worker calls it again for the same recipients, and sends nothing again', async () => {
+    const server = await policyServer({
+      rcptReply: ({ address }) => (address.startsWith('nobody') ? { code: 550, message: '5.1.1 no such user' } : undefined),
+    });
+    const { mailQueue, name } = setup(server.route);
+    const id = await mailQueue.add(letter(9, ['yes@hook.test', 'nobody@hook.test']));
+    const calls: string[][] = [];
+    const first = await startChild(name, server.route, {}, 'hang');
+    first.on('message', (message: { hook?: string[] }) => message.hook && calls.push(message.hook));
+    while (calls.length === 0) await sleep(5);
+    await killed(first);
+    const second = await startChild(name, server.route, {}, 'report');
+    second.on('message', (message: { hook?: string[] }) => message.hook && calls.push(message.hook));
+    const [outcome] = await allDone(mailQueue, [id], 20_000);
+    second.send('close');
+    expect(calls).toEqual([['nobody@hook.test=rejected'], ['nobody@hook.test=rejected']]);
+    expect(outcome!.recipients.map((r) => `${r.address}=${r.status}/${r.attempts}`)).toEqual(['yes@hook.test=accepted/1', 'nobody@hook.test=rejected/1']);
+    // Recorded before the hook ran: neither recipient went to the server again.
+    expect(server.rcpts.map((r) => r.address).sort()).toEqual(['nobody@hook.test', 'yes@hook.test']);
+    expect(server.accepted).toHaveLength(1);
   });
 
   test('a message whose worker dies more often than maxStalledCount fails: its recipients end unknown, in outcome() and in MailQueueEvents, and it is not sent again', async () => {

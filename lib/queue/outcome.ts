@@ -23,7 +23,7 @@ export interface MailOutcome {
   /** The job id `add()` returned. */
   id: string;
   messageId: string;
-  /** `queued` while a recipient is; `done` when every recipient is final. */
+  /** `queued` while a recipient is (or while onFinalFailure has yet to hear of a failure); `done` when every recipient is final. */
   state: 'queued' | 'done';
   from: string | false;
   addedAt: Date;
@@ -56,7 +56,8 @@ export function toOutcome(id: string, record: MailRecord): MailOutcome {
   return {
     id,
     messageId: record.messageId,
-    state: record.recipients.some((r) => r.status === 'queued') ? 'queued' : 'done',
+    // A failure not yet announced to onFinalFailure keeps the message in the queue's hands.
+    state: record.unannounced?.length || record.recipients.some((r) => r.status === 'queued') ? 'queued' : 'done',
     from: record.from,
     addedAt: new Date(record.addedAt),
     expiresAt: new Date(record.expiresAt),

@@ -5,7 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Job, Queue, QueueEvents } from 'bullmq';
-import { ConfigError } from '../errors';
+import { ConfigError, describeError } from '../errors';
 import { connect, loadBullmq, reportError, type QueueConnection, type QueueRedis } from './redis';
 import { jobOutcome, toOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
@@ -47,9 +47,9 @@ export class MailQueueEvents extends EventEmitter<MailQueueEventsMap> {
     this.events = new QueueEvents(name, { connection: this.blocking as never, prefix });
     this.events.on('completed', ({ jobId, returnvalue }) => {
       const record = (typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue) as MailRecord | undefined;
-      if (record?.version === 1) this.emit('done', toOutcome(jobId, record));
+      if (record?.version === 1) this.done(toOutcome(jobId, record));
     });
-    this.events.on('failed', ({ jobId }) => void this.failed(jobId));
+    this.events.on('failed', ({ jobId }) => void this.failed(jobId).catch(() => undefined));
     this.events.on('error', (err) => reportError(this, err));
     this.queue.on('error', (err) => reportError(this, err));
   }
@@ -65,11 +65,20 @@ export class MailQueueEvents extends EventEmitter<MailQueueEventsMap> {
     if (this.ownsClient) await this.client.quit().catch(() => undefined);
   }
 
+  /** A listener that throws must not stop BullMQ's event stream (it would stop for good). */
+  private done(outcome: MailOutcome): void {
+    try {
+      this.emit('done', outcome);
+    } catch (err) {
+      reportError(this, new Error(`a 'done' listener threw: ${describeError(err)}`, { cause: err }));
+    }
+  }
+
   /** A failed attempt that BullMQ will not retry ends the message: its unfinished recipients are unknown. */
   private async failed(jobId: string): Promise<void> {
     try {
       const job = (await this.queue.getJob(jobId)) as Job<MailRecord, MailRecord> | undefined;
-      if (job?.finishedOn && job.data?.version === 1) this.emit('done', jobOutcome(job));
+      if (job?.finishedOn && job.data?.version === 1) this.done(jobOutcome(job));
     } catch (err) {
       reportError(this, err);
     }

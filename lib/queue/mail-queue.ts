@@ -83,10 +83,13 @@ export class MailQueue extends EventEmitter<{ error: [err: Error] }> {
     // maxAge counts from when the message is first due.
     const times = { addedAt, dueAt: addedAt + delay, expiresAt: addedAt + delay + this.options.maxAge };
     const composed = await Promise.all(mails.map((mail) => compose(mail, times, this.options.maxMessageSize)));
-    const ids = composed.map(() => options.jobId ?? randomUUID());
+    // Each add's bytes have a key of their own (the job id when it is generated): a job id used
+    // again later, or twice at once, never meets another add's bytes.
+    for (const { record } of composed) record.bytesKey = randomUUID();
+    const ids = composed.map(({ record }) => options.jobId ?? record.bytesKey!);
     // The bytes first: a worker may take the job the moment it exists.
     const ttl = delay + this.options.maxAge + BYTES_OUTLIVE_MAX_AGE_MS;
-    await Promise.all(composed.map(({ bytes }, i) => this.store.put(ids[i], bytes, ttl)));
+    await Promise.all(composed.map(({ bytes, record }) => this.store.put(record.bytesKey!, bytes, ttl)));
     const keep = { age: Math.ceil(this.options.keepFinished / 1000) };
     const jobOptions = (id: string): JobsOptions => ({ jobId: id, delay, removeOnComplete: keep, removeOnFail: keep, ...RETRY_ON_ERROR });
     await this.queue.addBulk(composed.map(({ record }, i) => ({ name: JOB_NAME, data: record, opts: jobOptions(ids[i]) })));

@@ -107,12 +107,12 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
     const id = job.id!;
     let record = job.data;
     // A run that died after recording failures but before the bounce hook returned: the hook again, first.
-    if (record.unannounced) record = await this.announce(job, record);
+    if (record.unannounced) record = await this.announce(job, record, true);
     let settled: RecipientRecord[] = [];
     const due = dueRecipients(record, Date.now());
     if (due.length > 0) ({ record, settled } = await this.attempt(job, record, due));
-    const failures = settled.filter((r) => r.status === 'rejected' || r.status === 'expired').map((r) => r.address);
-    if (failures.length > 0 && this.settings.onFinalFailure) record = await this.announce(job, { ...record, unannounced: failures });
+    const failures = failuresOf(settled);
+    if (failures.length > 0 && this.settings.onFinalFailure) record = await this.announce(job, { ...record, unannounced: failures }, false);
     const next = nextAttemptAt(record);
     if (next === undefined) {
       // Completing the job records the final states; 'final' and 'done' follow (see finished()).
@@ -121,7 +121,7 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
     }
     // Recorded before the job leaves this worker: a crash from here on resends nothing recorded.
     await job.updateData(record);
-    this.emitSafely('final', finalEvent(id, record, settled));
+    if (settled.length > 0) this.emitSafely('final', finalEvent(id, record, settled));
     await job.moveToDelayed(next, token);
     throw new this.bullmq.DelayedError();
   }
@@ -133,7 +133,7 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
    */
   private async attempt(job: Job<MailRecord, MailRecord>, record: MailRecord, due: string[]): Promise<AttemptResult> {
     const id = job.id!;
-    const first = await this.store.read(id, record.size);
+    const first = await this.store.read(bytesKeyOf(id, record), record.size);
     if (!first) {
       const expired = Date.now() >= record.expiresAt;
       const why = expired ? 'not delivered within maxAge, and its bytes are gone from Redis' : 'its bytes are missing from Redis; it cannot be sent';
@@ -145,20 +145,41 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
     const settled: RecipientRecord[] = [];
     let left = groups.length;
     let writes = Promise.resolve();
+    let writeFailed: unknown;
     await Promise.all(
       groups.map(async (addresses, i) => {
-        // A Buffer serves every domain; a stream is read once per domain.
-        const raw = i === 0 || Buffer.isBuffer(first) ? first : await this.store.read(id, record.size);
-        const outcomes = raw ? await this.send(current, addresses, raw) : unsent(addresses, 'the queued message’s bytes went missing during the attempt');
+        const outcomes = await this.sendGroup(bytesKeyOf(id, record), record.size, i === 0 || Buffer.isBuffer(first) ? first : undefined, current, addresses);
         const result = applyAttempt(current, outcomes, Date.now(), policy);
         current = result.record;
         settled.push(...result.settled);
-        const snapshot = current;
-        if (--left > 0) writes = writes.then(() => job.updateData(snapshot));
+        if (--left === 0) return;
+        // With a bounce hook, a failure recorded here is marked unannounced: a crash before the
+        // attempt ends leaves the next run to call the hook for it.
+        const snapshot = this.settings.onFinalFailure ? { ...current, unannounced: failuresOf(settled) } : current;
+        writes = writes.then(() => job.updateData(snapshot)).catch((err: unknown) => void (writeFailed ??= err));
       }),
     );
     await writes;
+    if (writeFailed) throw writeFailed;
     return { record: current, settled };
+  }
+
+  /** One domain's share of an attempt; never throws (bytes that cannot be read are a retry). */
+  private async sendGroup(
+    bytesKey: string,
+    size: number,
+    bytes: Buffer | Readable | undefined,
+    record: MailRecord,
+    addresses: string[],
+  ): Promise<Map<string, AttemptOutcome>> {
+    let raw = bytes;
+    try {
+      // A Buffer serves every domain; a stream is read once per domain.
+      raw ??= await this.store.read(bytesKey, size);
+    } catch (err) {
+      return unsent(addresses, `the queued message's bytes could not be read: ${describeError(err)}`);
+    }
+    return raw ? this.send(record, addresses, raw) : unsent(addresses, 'the queued message’s bytes went missing during the attempt');
   }
 
   private async send(record: MailRecord, due: string[], raw: Buffer | Readable): Promise<Map<string, AttemptOutcome>> {
@@ -197,10 +218,10 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
    * recorded (so a slow hook never widens the window in which a crash duplicates deliveries);
    * a crash before it returns leaves them unannounced, and the next run calls it again.
    */
-  private async announce(job: Job<MailRecord, MailRecord>, record: MailRecord): Promise<MailRecord> {
+  private async announce(job: Job<MailRecord, MailRecord>, record: MailRecord, recorded: boolean): Promise<MailRecord> {
     const { unannounced = [], ...announced } = record;
     if (!this.settings.onFinalFailure) return announced;
-    await job.updateData(record);
+    if (!recorded) await job.updateData(record);
     const failures = record.recipients.filter((r) => unannounced.includes(r.address));
     try {
       await this.settings.onFinalFailure({ ...finalEvent(job.id!, record, failures), outcome: toOutcome(job.id!, record) });
@@ -214,8 +235,8 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
   private finished(id: string, record: MailRecord): void {
     const settled = this.completing.get(id) ?? [];
     this.completing.delete(id);
-    this.store.delete(id).catch((err: Error) => this.report(err));
-    this.emitSafely('final', finalEvent(id, record, settled));
+    this.store.delete(bytesKeyOf(id, record)).catch((err: Error) => this.report(err));
+    if (settled.length > 0) this.emitSafely('final', finalEvent(id, record, settled));
     this.emitSafely('done', toOutcome(id, record));
   }
 
@@ -228,9 +249,14 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
     this.report(new Error(`message ${job?.id ?? '?'} failed: ${describeError(err)}`, { cause: err }));
     if (job?.id) this.completing.delete(job.id);
     if (!job?.finishedOn) return;
-    const { record, settled } = endFailed(job.data, describeError(err), job.finishedOn);
-    this.emitSafely('final', finalEvent(job.id!, record, settled));
-    this.emitSafely('done', toOutcome(job.id!, record));
+    const id = job.id!;
+    // Failures recorded but not yet announced get their hook call now (once more: BullMQ runs nothing for this job again).
+    const announcing = job.data.unannounced && this.settings.onFinalFailure ? this.announce(job, job.data, true) : Promise.resolve(job.data);
+    void announcing.then((announced) => {
+      const { record, settled } = endFailed(announced, describeError(err), job.finishedOn!);
+      if (settled.length > 0) this.emitSafely('final', finalEvent(id, record, settled));
+      this.emitSafely('done', toOutcome(id, record));
+    });
   }
 
   /** A listener that throws must not fail the job (which would send its recipients again). */
@@ -266,4 +292,13 @@ function domainGroups(addresses: readonly string[]): string[][] {
 /** The same pending outcome for each address: nothing reached a server. */
 function unsent(addresses: readonly string[], response: string): Map<string, AttemptOutcome> {
   return new Map(addresses.map((address) => [address, { status: 'pending', response }]));
+}
+
+/** The recipients among `settled` whose failure onFinalFailure hears of: rejected or expired. */
+function failuresOf(settled: readonly RecipientRecord[]): string[] {
+  return settled.filter((r) => r.status === 'rejected' || r.status === 'expired').map((r) => r.address);
+}
+
+function bytesKeyOf(id: string, record: MailRecord): string {
+  return record.bytesKey ?? id;
 }

@@ -37,6 +37,8 @@ export interface MailRecord {
   bindingGroup?: string;
   /** Nodemailer's `dsn` (RFC 3461 NOTIFY, RET, ENVID, ORCPT), passed on every attempt. */
   dsn?: object;
+  /** Where the message's bytes are: `<prefix>:<queue>:message:<bytesKey>` (one key per add). */
+  bytesKey?: string;
   /** The message's size in bytes, as stored. */
   size: number;
   addedAt: number;
@@ -129,5 +131,7 @@ export function endQueued(record: MailRecord, status: FinalStatus, response: str
 
 /** A message BullMQ failed (its processor threw on every try, or its workers kept dying): what was being sent may have arrived. */
 export function endFailed(record: MailRecord, reason: string, at: number): AttemptResult {
-  return endQueued(record, 'unknown', `outcome unknown: the message failed in the queue (${reason})`, at);
+  // Nothing runs for a failed job again: no failure is left waiting for its announcement.
+  const { unannounced: _, ...rest } = record;
+  return endQueued(rest, 'unknown', `outcome unknown: the message failed in the queue (${reason})`, at);
 }

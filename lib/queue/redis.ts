@@ -82,19 +82,22 @@ export class MessageStore {
     private readonly keyPrefix: string,
   ) {}
 
-  key(id: string): string {
-    return `${this.keyPrefix}message:${id}`;
+  key(bytesKey: string): string {
+    return `${this.keyPrefix}message:${bytesKey}`;
   }
 
-  /** Stores a message's bytes unless they are there already (an add repeated with the same job id). */
-  async put(id: string, bytes: Buffer, ttlMs: number): Promise<void> {
-    await this.redis.set(this.key(id), bytes, 'PX', ttlMs, 'NX');
+  /** Stores a message's bytes under a key of their own (MailRecord.bytesKey). */
+  async put(bytesKey: string, bytes: Buffer, ttlMs: number): Promise<void> {
+    await this.redis.set(this.key(bytesKey), bytes, 'PX', ttlMs, 'NX');
   }
 
-  /** The bytes, or undefined when they are gone. */
-  async read(id: string, size: number): Promise<Buffer | Readable | undefined> {
-    const key = this.key(id);
-    if (size <= READ_WHOLE_UP_TO) return (await this.redis.getBuffer(key)) ?? undefined;
+  /** The bytes, or undefined when they are gone (or are not the size the record says). */
+  async read(bytesKey: string, size: number): Promise<Buffer | Readable | undefined> {
+    const key = this.key(bytesKey);
+    if (size <= READ_WHOLE_UP_TO) {
+      const bytes = await this.redis.getBuffer(key);
+      return bytes?.length === size ? bytes : undefined;
+    }
     if ((await this.redis.strlen(key)) !== size) return undefined;
     const redis = this.redis;
     return Readable.from(
@@ -111,7 +114,7 @@ export class MessageStore {
     );
   }
 
-  async delete(id: string): Promise<void> {
-    await this.redis.del(this.key(id));
+  async delete(bytesKey: string): Promise<void> {
+    await this.redis.del(this.key(bytesKey));
   }
 }

@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events';
 import type { Job, Queue, QueueEvents } from 'bullmq';
 import { ConfigError, describeError } from '../errors';
-import { connect, loadBullmq, reportError, type QueueConnection, type QueueRedis } from './redis';
+import { closeClient, connect, loadBullmq, reportError, type QueueConnection, type QueueRedis } from './redis';
 import { jobOutcome, toOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
 
@@ -61,8 +61,8 @@ export class MailQueueEvents extends EventEmitter<MailQueueEventsMap> {
   async close(): Promise<void> {
     await this.events.close();
     await this.queue.close();
-    await this.blocking.quit().catch(() => undefined);
-    if (this.ownsClient) await this.client.quit().catch(() => undefined);
+    await closeClient(this.blocking);
+    if (this.ownsClient) await closeClient(this.client);
   }
 
   /** A listener that throws must not stop BullMQ's event stream (it would stop for good). */

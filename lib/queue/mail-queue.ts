@@ -11,7 +11,7 @@ import type { BindingChoice } from '../policy/options';
 import { ConfigError } from '../errors';
 import { compose } from './compose';
 import { checkQueueOptions, type CheckedQueueOptions, type MailQueueOptions } from './options';
-import { connect, loadBullmq, MessageStore, reportError, type QueueRedis } from './redis';
+import { closeClient, connect, loadBullmq, MessageStore, reportError, type QueueRedis } from './redis';
 import { jobOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
 
@@ -104,6 +104,6 @@ export class MailQueue extends EventEmitter<{ error: [err: Error] }> {
 
   async close(): Promise<void> {
     await this.queue.close();
-    if (this.ownsRedis) await this.redis.quit().catch(() => undefined);
+    if (this.ownsRedis) await closeClient(this.redis);
   }
 }

@@ -18,7 +18,7 @@ import type { BindingPoolOptions } from '../policy/options';
 import type { DomainResult } from '../delivery/deliver';
 import { describeError } from '../errors';
 import { checkWorkerOptions, type CheckedWorkerOptions, type MailWorkerOptions } from './options';
-import { connect, loadBullmq, MessageStore, reportError, type BullMq, type QueueRedis } from './redis';
+import { closeClient, connect, loadBullmq, MessageStore, reportError, type BullMq, type QueueRedis } from './redis';
 import { groupByDomain } from '../message/recipients';
 import {
   applyAttempt,
@@ -98,7 +98,7 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
     this.closing ??= (async () => {
       await this.worker.close();
       await this.ownTransport?.close();
-      if (this.ownsRedis) await this.redis.quit().catch(() => undefined);
+      if (this.ownsRedis) await closeClient(this.redis);
     })();
     return this.closing;
   }

@@ -11,21 +11,16 @@
  *   `serverClosed`), and after two such 421s keeps under 20 itself (a learned limit).
  * Both domains have a static route to their server on 127.0.0.1.
  */
-import type { AddressInfo } from 'node:net';
 import nodemailer from 'nodemailer';
-import { SMTPServer, type SMTPServerSession } from 'smtp-server';
+import type { SMTPServerSession } from 'smtp-server';
 import { BindingPoolTransport, type ConnectionSummary } from '../lib';
-import { runMain } from './run-main';
+import { runMain, startLoopbackSmtp } from './run-main';
 
 async function startServer(messagesPerConnection = Infinity): Promise<{ port: number; delivered: () => number; close(): Promise<void> }> {
   const perSession = new Map<string, number>();
   let delivered = 0;
   const count = (session: SMTPServerSession) => perSession.get(session.id) ?? 0;
-  const server = new SMTPServer({
-    disableReverseLookup: true,
-    authOptional: true,
-    logger: false,
-    disabledCommands: ['STARTTLS'],
+  const { port, close } = await startLoopbackSmtp({
     onMailFrom(_address, session, callback) {
       if (count(session) >= messagesPerConnection)
         return callback(Object.assign(new Error('4.7.0 too many messages in this connection'), { responseCode: 421 }));
@@ -40,15 +35,7 @@ async function startServer(messagesPerConnection = Infinity): Promise<{ port: nu
       });
     },
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
-  });
-  return {
-    port: (server.server.address() as AddressInfo).port,
-    delivered: () => delivered,
-    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
-  };
+  return { port, delivered: () => delivered, close };
 }
 
 async function main(): Promise<number> {

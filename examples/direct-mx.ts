@@ -6,12 +6,10 @@
  * Bindings mta1 (127.0.0.2) and mta2 (127.0.0.3) form group `bulk`; each destination domain gets
  * a member round-robin. `gone.test` does not exist (NXDOMAIN): its recipients are rejected.
  */
-import type { AddressInfo } from 'node:net';
 import dns2 from 'dns2';
 import nodemailer from 'nodemailer';
-import { SMTPServer } from 'smtp-server';
 import { BindingPoolTransport, type ConnectionSummary } from '../lib';
-import { runMain } from './run-main';
+import { runMain, startLoopbackSmtp } from './run-main';
 
 const { Packet } = dns2;
 const MX: Record<string, { priority: number; exchange: string }[]> = {
@@ -51,11 +49,7 @@ async function startDns(): Promise<{ address: string; close(): Promise<void> }> 
 async function main(): Promise<number> {
   const dns = await startDns();
   const received: { from: string; rcpts: string[] }[] = [];
-  const smtp = new SMTPServer({
-    disableReverseLookup: true,
-    authOptional: true,
-    logger: false,
-    disabledCommands: ['STARTTLS'],
+  const smtp = await startLoopbackSmtp({
     onData(stream, session, callback) {
       stream.resume();
       stream.on('end', () => {
@@ -64,11 +58,7 @@ async function main(): Promise<number> {
       });
     },
   });
-  await new Promise<void>((resolve, reject) => {
-    smtp.once('error', reject);
-    smtp.listen(0, '127.0.0.1', resolve);
-  });
-  const port = (smtp.server.address() as AddressInfo).port;
+  const { port } = smtp;
   console.log(`dns on ${dns.address}, MX hosts on 127.0.0.1:${port}`);
 
   const pool = new BindingPoolTransport({
@@ -102,7 +92,7 @@ async function main(): Promise<number> {
     for (const info of infos) for (const key of ['accepted', 'rejected', 'pending'] as const) outcome[key] += info[key].length;
   } finally {
     await transporter.close();
-    await new Promise<void>((resolve) => smtp.close(() => resolve()));
+    await smtp.close();
     await dns.close();
   }
 

@@ -12,9 +12,8 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer, type AddressInfo } from 'node:net';
-import { SMTPServer } from 'smtp-server';
 import { MailQueue, MailWorker, type FinalEvent, type MailOutcome } from '../lib/queue';
-import { runMain } from './run-main';
+import { runMain, startLoopbackSmtp, type LoopbackSmtp } from './run-main';
 
 async function freePort(): Promise<number> {
   const probe = createServer();
@@ -33,19 +32,16 @@ async function redisUrl(): Promise<{ url: string; child?: ChildProcess }> {
   });
   await new Promise<void>((resolve, reject) => {
     child.once('error', (err) => reject(new Error(`set REDIS_URL, or install redis-server: ${err.message}`)));
+    child.once('exit', (code) => reject(new Error(`redis-server exited (${code}) before it was ready`)));
     child.stdout!.on('data', (chunk: Buffer) => /Ready to accept connections/.test(chunk.toString()) && resolve());
   });
   child.stdout!.resume();
   return { url: `redis://127.0.0.1:${port}`, child };
 }
 
-async function greylistingServer(): Promise<{ port: number; close(): Promise<void> }> {
+async function greylistingServer(): Promise<LoopbackSmtp> {
   const firstSeen = new Map<string, number>();
-  const server = new SMTPServer({
-    disableReverseLookup: true,
-    authOptional: true,
-    logger: false,
-    disabledCommands: ['STARTTLS'],
+  return startLoopbackSmtp({
     onRcptTo(address, session, callback) {
       if (address.address.startsWith('nobody@')) return callback(Object.assign(new Error('5.1.1 no such user'), { responseCode: 550 }));
       const key = `${session.envelope.mailFrom && session.envelope.mailFrom.address}|${address.address}`;
@@ -58,8 +54,6 @@ async function greylistingServer(): Promise<{ port: number; close(): Promise<voi
       stream.on('end', () => callback(null, 'Ok: queued'));
     },
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return { port: (server.server.address() as AddressInfo).port, close: () => new Promise<void>((resolve) => server.close(() => resolve())) };
 }
 
 async function main(): Promise<number> {

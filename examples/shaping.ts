@@ -12,21 +12,15 @@
  * It prints the events, stats().rates and stats().shaping, and the most messages the servers saw
  * in any second.
  */
-import type { AddressInfo } from 'node:net';
 import nodemailer from 'nodemailer';
-import { SMTPServer } from 'smtp-server';
 import { BindingPoolTransport, type BindingPoolSendError, type BindingPoolSentMessageInfo, type SuspensionEvent } from '../lib';
-import { runMain } from './run-main';
+import { runMain, startLoopbackSmtp } from './run-main';
 
 const TSS04 = '4.7.0 [TSS04] Messages from 127.0.0.2 temporarily deferred due to unexpected volume or user complaints';
 
 async function startServer(acceptFirst = Infinity): Promise<{ port: number; times: number[]; close(): Promise<void> }> {
   const times: number[] = [];
-  const server = new SMTPServer({
-    disableReverseLookup: true,
-    authOptional: true,
-    logger: false,
-    disabledCommands: ['STARTTLS'],
+  const { port, close } = await startLoopbackSmtp({
     onMailFrom(_address, _session, callback) {
       if (times.length >= acceptFirst) return callback(Object.assign(new Error(TSS04), { responseCode: 421 }));
       callback();
@@ -40,11 +34,7 @@ async function startServer(acceptFirst = Infinity): Promise<{ port: number; time
       stream.on('end', () => callback(null, 'Ok'));
     },
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', resolve);
-  });
-  return { port: (server.server.address() as AddressInfo).port, times, close: () => new Promise<void>((resolve) => server.close(() => resolve())) };
+  return { port, times, close };
 }
 
 /** The most of `times` in any window of `ms`. */

@@ -9,7 +9,7 @@ import { ScopeResolver } from './policy/scopes';
 import { emptyDomainResult, type DomainResult, type RecipientOutcome } from './delivery/deliver';
 import { LocalEngine, type Engine, type EngineStats } from './engine/local';
 import { ThreadEngine } from './engine/thread';
-import { ConcurrencyLimit } from './message/concurrency';
+import { ConcurrencyLimit, MAX_CONCURRENT_READS } from './message/concurrency';
 import { BindingPoolError, describeError } from './errors';
 import { transportLog } from './log';
 import { rawBytes, rawMessageId, readMessage, toWireForm } from './message/bytes';
@@ -53,9 +53,6 @@ export interface TransportStats extends EngineStats {
 }
 
 type SendCallback = (err: Error | null, info?: BindingPoolSentMessageInfo) => void;
-
-/** Messages read (built) at once; see ConcurrencyLimit. */
-const MAX_CONCURRENT_READS = 16;
 
 /** The domain key under which recipients with an unparseable address are reported. */
 const INVALID_ADDRESSES = '';

@@ -7,24 +7,16 @@
  */
 import { fork, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import nodemailer, { type Transporter } from 'nodemailer';
+import type { Transporter } from 'nodemailer';
 import Redis from 'ioredis';
 import * as lib from '../lib';
 import type { BindingPoolOptions, BindingPoolSendError, BindingPoolSentMessageInfo, SuspensionEvent } from '../lib';
 import { peakInWindow, type PolicyServer } from './support/policy-server';
 import { haveRedisServer, RedisServer } from './support/redis-server';
 import { NO_DNS } from './support/send';
-import { closedAfterEach } from './support/harness';
+import { closedAfterEach, printedFigures } from './support/harness';
 
-const figures: string[] = [];
-afterAll(() => console.log(`coordination (server-side figures):\n${figures.join('\n')}`));
-const note = (name: string, values: Record<string, unknown>): void => {
-  figures.push(
-    `- ${name}: ${Object.entries(values)
-      .map(([k, v]) => `${k} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
-      .join(', ')}`,
-  );
-};
+const note = printedFigures('coordination (server-side figures)');
 
 const CHILD = join(__dirname, 'fixtures', 'coordination-child.cjs');
 const SOURCE = '127.0.0.2';
@@ -40,7 +32,7 @@ afterAll(async () => {
   await redis?.stop();
 });
 
-const { onCleanup, policyServer: server } = closedAfterEach();
+const { onCleanup, policyServer: server, transport } = closedAfterEach();
 
 function inspector(): Redis {
   const client = new Redis(redis.url, { maxRetriesPerRequest: 1 });
@@ -149,13 +141,6 @@ describe('8 processes, one Redis', () => {
     expect(await client.zcard(leaseKey)).toBe(0);
   }, 60_000);
 });
-
-/** A transport in this process with coordination (several stand for several processes). */
-function transport(options: BindingPoolOptions): { pool: lib.BindingPoolTransport; transporter: Transporter<BindingPoolSentMessageInfo> } {
-  const pool = new lib.BindingPoolTransport(options);
-  onCleanup(() => pool.close());
-  return { pool, transporter: nodemailer.createTransport(pool) };
-}
 
 async function sendAll(transporter: Transporter<BindingPoolSentMessageInfo>, count: number, tag: string) {
   const outcome = { accepted: 0, pending: [] as { response: string; retryAfter?: Date }[] };

@@ -21,6 +21,7 @@ function record(recipients: Partial<RecipientRecord>[], expiresAt = T0 + 5 * 24 
   return {
     version: 1,
     messageId: '<m@test>',
+    bytesKey: 'k',
     from: 'from@test',
     size: 100,
     addedAt: T0,

@@ -7,7 +7,7 @@
  * recipient) pairs arrived, and how often.
  */
 import { fork, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import Redis from 'ioredis';
@@ -16,22 +16,15 @@ import type { BindingPoolOptions } from '../lib';
 import { MailQueue, MailQueueEvents, MailWorker, type FinalFailure, type MailOutcome, type MailWorkerOptions, type MailQueueOptions } from '../lib/queue';
 import type { PolicyReply, PolicyServer } from './support/policy-server';
 import { FaultServer } from './support/fault-server';
+import { sha256 } from './support/byte-server';
 import { haveRedisServer, RedisServer } from './support/redis-server';
 import { freePort } from './support/free-port';
 import { NO_DNS } from './support/send';
-import { closedAfterEach } from './support/harness';
+import { closedAfterEach, printedFigures } from './support/harness';
 
 jest.setTimeout(60_000);
 
-const figures: string[] = [];
-afterAll(() => console.log(`queue (server-side figures):\n${figures.join('\n')}`));
-const note = (name: string, values: Record<string, unknown>): void => {
-  figures.push(
-    `- ${name}: ${Object.entries(values)
-      .map(([k, v]) => `${k} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
-      .join(', ')}`,
-  );
-};
+const note = printedFigures('queue (server-side figures)');
 
 const SOURCE = '127.0.0.2';
 const GREYLISTED: PolicyReply = { code: 451, message: '4.7.1 greylisted, try again later' };
@@ -107,7 +100,6 @@ function deliveries(server: PolicyServer): Map<string, number> {
   return counts;
 }
 
-const sha256 = (bytes: Buffer): string => createHash('sha256').update(bytes).digest('hex');
 /** CRLF line ends and no trailing line break: the form two copies of a message are compared in. */
 const crlf = (bytes: Buffer): Buffer =>
   Buffer.from(
@@ -416,6 +408,8 @@ describe('crash safety', () => {
     worker: Partial<MailWorkerOptions> = {},
     hook?: 'report' | 'hang',
     transport = transportOptions(route),
+    /** Where the onFinalFailure calls the child reports (with `hook`) go. */
+    hookCalls?: string[][],
   ): Promise<ChildProcess> {
     const options = {
       name,
@@ -428,6 +422,7 @@ describe('crash safety', () => {
     onCleanup(async () => {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     });
+    child.on('message', (message: { hook?: string[] }) => message.hook && hookCalls?.push(message.hook));
     return new Promise((resolve, reject) => {
       child.once('message', (message) => message === 'ready' && resolve(child));
       child.once('exit', (code) => reject(new Error(`the worker exited (${code}) before it was ready`)));
@@ -505,12 +500,10 @@ describe('crash safety', () => {
     const { mailQueue, name } = setup(server.route);
     const id = await mailQueue.add(letter(9, ['yes@hook.test', 'nobody@hook.test']));
     const calls: string[][] = [];
-    const first = await startChild(name, server.route, {}, 'hang');
-    first.on('message', (message: { hook?: string[] }) => message.hook && calls.push(message.hook));
+    const first = await startChild(name, server.route, {}, 'hang', undefined, calls);
     while (calls.length === 0) await sleep(5);
     await killed(first);
-    const second = await startChild(name, server.route, {}, 'report');
-    second.on('message', (message: { hook?: string[] }) => message.hook && calls.push(message.hook));
+    const second = await startChild(name, server.route, {}, 'report', undefined, calls);
     const [outcome] = await allDone(mailQueue, [id], 20_000);
     second.send('close');
     expect(calls).toEqual([['nobody@hook.test=rejected'], ['nobody@hook.test=rejected']]);
@@ -527,15 +520,13 @@ describe('crash safety', () => {
     const { mailQueue, name } = setup(bounce.route);
     const id = await mailQueue.add(letter(10, ['nobody@bounce.test', 'late@slow.test']));
     const calls: string[][] = [];
-    const first = await startChild(name, bounce.route, {}, 'report', transport);
-    first.on('message', (message: { hook?: string[] }) => message.hook && calls.push(message.hook));
+    const first = await startChild(name, bounce.route, {}, 'report', transport, calls);
     // The 550 is recorded (unannounced) while slow.test holds its final dot.
     while (slow.accepted.length === 0 || bounce.rcpts.length === 0) await sleep(5);
     await sleep(200);
     await killed(first);
     expect(calls).toEqual([]);
-    const second = await startChild(name, bounce.route, {}, 'report', transport);
-    second.on('message', (message: { hook?: string[] }) => message.hook && calls.push(message.hook));
+    const second = await startChild(name, bounce.route, {}, 'report', transport, calls);
     const [outcome] = await allDone(mailQueue, [id], 20_000);
     second.send('close');
     expect(calls).toEqual([['nobody@bounce.test=rejected']]);

@@ -26,18 +26,10 @@ import { DnsServer, type Zone } from './support/dns-server';
 import { PolicyServer, type PolicyCounts, type PolicyServerOptions } from './support/policy-server';
 import { receiverMessages, runReceiverScenario, SOURCE_ADDRESS, type ReceiverFigures } from './support/receiver-scenarios';
 import { NO_DNS } from './support/send';
-
-const figures: string[] = [];
-afterAll(() => console.log(`receiver policies (server-side figures):\n${figures.join('\n')}`));
+import { printedFigures } from './support/harness';
 
 /** One line of figures for the closing report. */
-function note(name: string, values: Record<string, unknown>): void {
-  figures.push(
-    `- ${name}: ${Object.entries(values)
-      .map(([k, v]) => `${k} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
-      .join(', ')}`,
-  );
-}
+const note = printedFigures('receiver policies (server-side figures)');
 
 function noteScenario(name: string, f: ReceiverFigures, extra: Record<string, unknown> = {}): void {
   note(name, {

@@ -6,24 +6,17 @@
  * text + HTML, every third with a 30 KiB attachment (past a socket buffer). Rates are per second,
  * so each case takes a few seconds. Every case prints its figures after the file.
  */
-import nodemailer, { type SendMailOptions, type Transporter } from 'nodemailer';
-import * as lib from '../lib';
-import type { BindingPoolOptions, BindingPoolSendError, BindingPoolSentMessageInfo, RecipientOutcome, SuspensionEvent } from '../lib';
+import type { SendMailOptions, Transporter } from 'nodemailer';
+import type { BindingPoolSendError, BindingPoolSentMessageInfo, RecipientOutcome, SuspensionEvent } from '../lib';
 import { peakInWindow, type PolicyServer } from './support/policy-server';
-import { NO_DNS } from './support/send';
-import { closedAfterEach } from './support/harness';
+import { closedAfterEach, printedFigures } from './support/harness';
 
-const figures: string[] = [];
-afterAll(() => console.log(`traffic shaping (server-side figures):\n${figures.join('\n')}`));
-const note = (name: string, values: Record<string, unknown>): void => {
-  figures.push(
-    `- ${name}: ${Object.entries(values)
-      .map(([k, v]) => `${k} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
-      .join(', ')}`,
-  );
-};
+const note = printedFigures('traffic shaping (server-side figures)');
 
-const { onCleanup, policyServer: server } = closedAfterEach();
+/** Yahoo's deferral, as it reads. */
+const TSS04 = { code: 421, message: '4.7.0 [TSS04] Messages from 127.0.0.2 temporarily deferred due to unexpected volume or user complaints' };
+
+const { policyServer: server, transport } = closedAfterEach();
 
 const ATTACHMENT = Buffer.alloc(30 * 1024, 'attachment bytes, not compressible enough to matter. ');
 
@@ -39,12 +32,6 @@ function mail(i: number, to: string, extra: SendMailOptions = {}): SendMailOptio
     attachments: i % 3 === 0 ? [{ filename: `report-${i}.pdf`, content: ATTACHMENT, contentType: 'application/pdf' }] : [],
     ...extra,
   };
-}
-
-function transport(options: BindingPoolOptions): { pool: lib.BindingPoolTransport; transporter: Transporter<BindingPoolSentMessageInfo> } {
-  const pool = new lib.BindingPoolTransport({ dnsServers: NO_DNS, ...options });
-  onCleanup(() => pool.close());
-  return { pool, transporter: nodemailer.createTransport(pool) };
 }
 
 interface Settled {
@@ -311,8 +298,6 @@ describe('warm-up plans', () => {
 });
 
 describe('reply rules', () => {
-  const TSS04 = { code: 421, message: '4.7.0 [TSS04] Messages from 127.0.0.2 temporarily deferred due to unexpected volume or user complaints' };
-
   test('suspend: the pair sends nothing and opens nothing until the end; its sends go pending with retryAfter; suspended and resumed events', async () => {
     // Deferred with TSS04 once, at the 4th message's MAIL FROM.
     let told = false;
@@ -445,7 +430,7 @@ describe('reply rules', () => {
 
   test('a trigger: the rule acts at the third match in its window, not before; a reply the transport made up never matches', async () => {
     const receiver = await server({ mailReply: () => ({ code: 451, message: '4.7.0 greylisted, try later' }) });
-    const { transporter, pool } = transport({
+    const { transporter } = transport({
       route: receiver.route,
       bindings: { default: { localAddress: '127.0.0.2' } },
       replyRules: [
@@ -474,7 +459,6 @@ describe('reply rules', () => {
     const dropped = await sendAll(other.transporter, [mail(9, 'x@drop.test')]);
     expect(dropped.pending[0].response).not.toMatch(/suspended/);
     expect(other.pool.stats().shaping).toEqual([]);
-    void pool;
   });
 
   test('the default rules are on: a Gmail 4.7.28 reply sets one connection and 60 messages an hour for the pair', async () => {
@@ -531,7 +515,7 @@ describe('learned per-connection limits', () => {
 
 describe('with deliveryThread', () => {
   test('rates hold, suspensions come as events, and stats show both', async () => {
-    const receiver = await server({ mailReply: ({ accepted }) => (accepted >= 12 ? TSS04_THREAD : undefined) });
+    const receiver = await server({ mailReply: ({ accepted }) => (accepted >= 12 ? TSS04 : undefined) });
     // One connection: the sends go one after another, so the 13th is the one deferred.
     const { transporter, pool } = transport({
       deliveryThread: true,
@@ -568,5 +552,3 @@ describe('with deliveryThread', () => {
     expect(stats.shaping).toEqual([expect.objectContaining({ suspended: expect.objectContaining({ rule: 'replyRules[0]' }) })]);
   });
 });
-
-const TSS04_THREAD = { code: 421, message: '4.7.0 [TSS04] Messages from 127.0.0.2 temporarily deferred due to unexpected volume or user complaints' };

@@ -72,7 +72,6 @@ export class LocalEngine extends EventEmitter implements Engine {
   private readonly policies: PolicyRegistry;
   /** With `coordination`: the Redis store every process shares, and its subscription to the others' events. */
   private readonly store: RedisStore | undefined;
-  private readonly sharing: Promise<void> | undefined;
 
   constructor(options: BindingPoolOptions) {
     super();
@@ -97,7 +96,7 @@ export class LocalEngine extends EventEmitter implements Engine {
       this.store,
       onFailure === 'wait' ? undefined : onFailure.processes,
     );
-    this.sharing = this.store?.onEvent((event) => this.sharedEvent(event)).catch(() => undefined);
+    void this.store?.onEvent((event) => this.sharedEvent(event)).catch(() => undefined);
     this.registry = new PoolRegistry(
       (bindingName, domain) => {
         const binding = this.scopes.binding(bindingName)!;

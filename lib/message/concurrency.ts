@@ -5,6 +5,9 @@
  * at a time, each message is handed to a connection as soon as it is built.
  */
 import { Fifo } from './fifo';
+/** Messages read (built) at once, by the transport and by the queue's add(). */
+export const MAX_CONCURRENT_READS = 16;
+
 export class ConcurrencyLimit {
   private running = 0;
   private readonly waiting = new Fifo<() => void>();

@@ -8,13 +8,13 @@
  * each cap (rounded up), as if N processes shared it evenly.
  */
 import type { CountingConnection } from '../smtp/connection';
-import type { Lease, RedisStore } from '../coordination/redis-store';
+import type { CoordinationOptions, Lease, RedisStore } from '../coordination/redis-store';
 
 /** How soon a dial asks again when the cluster holds every lease, and after Redis failed. */
 const FULL_RETRY_MS = 100;
 const FAILED_RETRY_MS = 500;
 
-export type FailurePolicy = 'wait' | { processes: number };
+export type FailurePolicy = NonNullable<CoordinationOptions['onFailure']>;
 
 /** The outcome of asking for a lease. */
 export interface LeaseGrant {

@@ -301,11 +301,12 @@ export class DestinationPool implements SlotOwner {
    */
   private giveUpOverdue(now: number): void {
     const timeout = this.policy.options.acquireTimeout;
+    if (this.waiters.size === 0) return;
     const paused = this.gate.paused(now);
+    const rateAt = this.policy.messageAvailableAt(now);
     // Only the oldest sends give up, in order: each, as it reaches the front, needs one recipient's room.
     for (const waiter of this.waiters) {
       const deadline = Math.max(waiter.since, this.lastHandout) + timeout;
-      const rateAt = this.policy.messageAvailableAt(now);
       const pauseBlocks = paused && deadline < this.gate.pauseEnds;
       if (deadline > now && !pauseBlocks && rateAt <= deadline) break;
       this.waiters.delete(waiter);
@@ -435,12 +436,17 @@ export class DestinationPool implements SlotOwner {
     return true;
   }
 
+  /** Adds what a connection did while in this pool (since its baseline, when it was taken over) to `sum`. */
+  private countHere(sum: { transactions: number; deliveries: number; recipients: number }, connection: CountingConnection): void {
+    const base = this.baselines.get(connection);
+    sum.transactions += connection.transactions - (base?.transactions ?? 0);
+    sum.deliveries += connection.deliveries - (base?.deliveries ?? 0);
+    sum.recipients += connection.recipients - (base?.recipients ?? 0);
+  }
+
   /** Lets go of a borrowed connection another pool takes over: its figures stay here, its socket stays open. */
   detach(connection: CountingConnection): void {
-    const base = this.baselines.get(connection);
-    this.totals.transactions += connection.transactions - (base?.transactions ?? 0);
-    this.totals.deliveries += connection.deliveries - (base?.deliveries ?? 0);
-    this.totals.recipients += connection.recipients - (base?.recipients ?? 0);
+    this.countHere(this.totals, connection);
     this.baselines.delete(connection);
     this.idleConnections.delete(connection);
     this.live.delete(connection);
@@ -601,10 +607,7 @@ export class DestinationPool implements SlotOwner {
     const sum = { ...this.totals };
     let encrypted = 0;
     for (const connection of this.live) {
-      const base = this.baselines.get(connection);
-      sum.transactions += connection.transactions - (base?.transactions ?? 0);
-      sum.deliveries += connection.deliveries - (base?.deliveries ?? 0);
-      sum.recipients += connection.recipients - (base?.recipients ?? 0);
+      this.countHere(sum, connection);
       if (connection.encrypted) encrypted++;
     }
     const now = Date.now();
@@ -708,11 +711,8 @@ export class DestinationPool implements SlotOwner {
     this.live.delete(entry);
     const finalReason = entry.retireReason ?? reason;
     this.retired[finalReason] = (this.retired[finalReason] ?? 0) + 1;
-    const base = this.baselines.get(entry);
+    this.countHere(this.totals, entry);
     this.baselines.delete(entry);
-    this.totals.transactions += entry.transactions - (base?.transactions ?? 0);
-    this.totals.deliveries += entry.deliveries - (base?.deliveries ?? 0);
-    this.totals.recipients += entry.recipients - (base?.recipients ?? 0);
     this.onConnectionClosed({
       id: entry.id,
       binding: this.binding,

@@ -3,10 +3,12 @@
  * bytes (composed once, by Nodemailer's own stream transport, so every attempt sends the same
  * bytes with the same Message-ID), its envelope and its binding choice.
  */
+import { randomUUID } from 'node:crypto';
 import nodemailer, { type SendMailOptions, type SentMessageInfo, type Transport } from 'nodemailer';
 import type MailMessage from 'nodemailer/lib/mailer/mail-message';
 import { BindingPoolError, describeError } from '../errors';
 import { rawBytes, rawMessageId, readMessage } from '../message/bytes';
+import { ConcurrencyLimit, MAX_CONCURRENT_READS } from '../message/concurrency';
 import { assertCleanAddressFields, assertNoInjection, groupByDomain } from '../message/recipients';
 import type { BindingChoice } from '../policy/options';
 import type { MailRecord } from './record';
@@ -22,6 +24,9 @@ interface Built {
   bytes: Buffer;
 }
 
+/** Messages built at once: an addBulk() of many with attachments reads a few at a time, as the transport does. */
+const reads = new ConcurrencyLimit(MAX_CONCURRENT_READS);
+
 /**
  * A Nodemailer transport that only builds: what sendMail() would put on the wire through this
  * package's transport (Bcc left out of the headers, Nodemailer's plugins applied), read into one
@@ -34,7 +39,7 @@ const builder: Transport<SentMessageInfo> = {
   send(mail: MailMessage<SentMessageInfo>, callback: (err: Error | null, info: Built) => void): void {
     const envelope = mail.message.getEnvelope() as Built['envelope'];
     const raw = mail.data.raw !== undefined ? rawBytes(mail.message) : undefined;
-    const reading = raw ? Promise.resolve([raw]) : readMessage(mail.message);
+    const reading = raw ? Promise.resolve([raw]) : reads.run(() => readMessage(mail.message));
     reading.then(
       (chunks) => {
         let bytes = Buffer.concat(chunks);
@@ -82,6 +87,9 @@ export async function compose(mail: SendMailOptions & BindingChoice, times: Queu
     messageId: info.messageId,
     from,
     size: bytes.length,
+    // Each add's bytes have a key of their own: a job id used again later, or twice at once,
+    // never meets another add's bytes.
+    bytesKey: randomUUID(),
     addedAt: times.addedAt,
     expiresAt: times.expiresAt,
     recipients: addresses.map((address) => ({ address, status: 'queued', attempts: 0, nextAttemptAt: times.dueAt })),

@@ -49,7 +49,7 @@ export class MailQueueEvents extends EventEmitter<MailQueueEventsMap> {
       const record = (typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue) as MailRecord | undefined;
       if (record?.version === 1) this.done(toOutcome(jobId, record));
     });
-    this.events.on('failed', ({ jobId }) => void this.failed(jobId).catch(() => undefined));
+    this.events.on('failed', ({ jobId }) => void this.failed(jobId));
     this.events.on('error', (err) => reportError(this, err));
     this.queue.on('error', (err) => reportError(this, err));
   }

@@ -3,7 +3,6 @@
  * Redis and queues a BullMQ job holding its record; `outcome(id)` reads where its recipients
  * stand. Messages are delivered by MailWorkers (mail-worker.ts), in this process or others.
  */
-import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { SendMailOptions } from 'nodemailer';
 import type { Job, JobsOptions, Queue } from 'bullmq';
@@ -16,9 +15,9 @@ import { jobOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
 
 /** BullMQ's job name for every queued message. */
-export const JOB_NAME = 'mail';
+const JOB_NAME = 'mail';
 /** The message bytes outlive the longest a job can be retried by this much (then Redis drops them even if a job never finished). */
-export const BYTES_OUTLIVE_MAX_AGE_MS = 24 * 3600_000;
+const BYTES_OUTLIVE_MAX_AGE_MS = 24 * 3600_000;
 
 /**
  * A processor that throws (Redis failing mid-attempt, a bug) runs again this often before the
@@ -83,13 +82,11 @@ export class MailQueue extends EventEmitter<{ error: [err: Error] }> {
     // maxAge counts from when the message is first due.
     const times = { addedAt, dueAt: addedAt + delay, expiresAt: addedAt + delay + this.options.maxAge };
     const composed = await Promise.all(mails.map((mail) => compose(mail, times, this.options.maxMessageSize)));
-    // Each add's bytes have a key of their own (the job id when it is generated): a job id used
-    // again later, or twice at once, never meets another add's bytes.
-    for (const { record } of composed) record.bytesKey = randomUUID();
-    const ids = composed.map(({ record }) => options.jobId ?? record.bytesKey!);
+    // A generated job id is the bytes' own key.
+    const ids = composed.map(({ record }) => options.jobId ?? record.bytesKey);
     // The bytes first: a worker may take the job the moment it exists.
     const ttl = delay + this.options.maxAge + BYTES_OUTLIVE_MAX_AGE_MS;
-    await Promise.all(composed.map(({ bytes, record }) => this.store.put(record.bytesKey!, bytes, ttl)));
+    await Promise.all(composed.map(({ bytes, record }) => this.store.put(record.bytesKey, bytes, ttl)));
     const keep = { age: Math.ceil(this.options.keepFinished / 1000) };
     const jobOptions = (id: string): JobsOptions => ({ jobId: id, delay, removeOnComplete: keep, removeOnFail: keep, ...RETRY_ON_ERROR });
     await this.queue.addBulk(composed.map(({ record }, i) => ({ name: JOB_NAME, data: record, opts: jobOptions(ids[i]) })));

@@ -132,8 +132,7 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
    * fast one's outcomes unrecorded, which is the window a crash can duplicate them in).
    */
   private async attempt(job: Job<MailRecord, MailRecord>, record: MailRecord, due: string[]): Promise<AttemptResult> {
-    const id = job.id!;
-    const first = await this.store.read(bytesKeyOf(id, record), record.size);
+    const first = await this.store.read(record.bytesKey, record.size);
     if (!first) {
       const expired = Date.now() >= record.expiresAt;
       const why = expired ? 'not delivered within maxAge, and its bytes are gone from Redis' : 'its bytes are missing from Redis; it cannot be sent';
@@ -148,7 +147,7 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
     let writeFailed: unknown;
     await Promise.all(
       groups.map(async (addresses, i) => {
-        const outcomes = await this.sendGroup(bytesKeyOf(id, record), record.size, i === 0 || Buffer.isBuffer(first) ? first : undefined, current, addresses);
+        const outcomes = await this.sendGroup(current, addresses, i === 0 || Buffer.isBuffer(first) ? first : undefined);
         const result = applyAttempt(current, outcomes, Date.now(), policy);
         current = result.record;
         settled.push(...result.settled);
@@ -165,17 +164,11 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
   }
 
   /** One domain's share of an attempt; never throws (bytes that cannot be read are a retry). */
-  private async sendGroup(
-    bytesKey: string,
-    size: number,
-    bytes: Buffer | Readable | undefined,
-    record: MailRecord,
-    addresses: string[],
-  ): Promise<Map<string, AttemptOutcome>> {
+  private async sendGroup(record: MailRecord, addresses: string[], bytes: Buffer | Readable | undefined): Promise<Map<string, AttemptOutcome>> {
     let raw = bytes;
     try {
       // A Buffer serves every domain; a stream is read once per domain.
-      raw ??= await this.store.read(bytesKey, size);
+      raw ??= await this.store.read(record.bytesKey, record.size);
     } catch (err) {
       return unsent(addresses, `the queued message's bytes could not be read: ${describeError(err)}`);
     }
@@ -235,7 +228,7 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
   private finished(id: string, record: MailRecord): void {
     const settled = this.completing.get(id) ?? [];
     this.completing.delete(id);
-    this.store.delete(bytesKeyOf(id, record)).catch((err: Error) => this.report(err));
+    this.store.delete(record.bytesKey).catch((err: Error) => this.report(err));
     if (settled.length > 0) this.emitSafely('final', finalEvent(id, record, settled));
     this.emitSafely('done', toOutcome(id, record));
   }
@@ -297,8 +290,4 @@ function unsent(addresses: readonly string[], response: string): Map<string, Att
 /** The recipients among `settled` whose failure onFinalFailure hears of: rejected or expired. */
 function failuresOf(settled: readonly RecipientRecord[]): string[] {
   return settled.filter((r) => r.status === 'rejected' || r.status === 'expired').map((r) => r.address);
-}
-
-function bytesKeyOf(id: string, record: MailRecord): string {
-  return record.bytesKey ?? id;
 }

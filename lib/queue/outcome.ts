@@ -43,7 +43,7 @@ export interface FinalFailure extends FinalEvent {
   outcome: MailOutcome;
 }
 
-export function recipientState(r: RecipientRecord): QueuedRecipientState {
+function recipientState(r: RecipientRecord): QueuedRecipientState {
   const state: QueuedRecipientState = { address: r.address, status: r.status, attempts: r.attempts };
   if (r.response !== undefined) state.response = r.response;
   if (r.responseCode !== undefined) state.responseCode = r.responseCode;

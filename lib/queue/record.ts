@@ -38,7 +38,7 @@ export interface MailRecord {
   /** Nodemailer's `dsn` (RFC 3461 NOTIFY, RET, ENVID, ORCPT), passed on every attempt. */
   dsn?: object;
   /** Where the message's bytes are: `<prefix>:<queue>:message:<bytesKey>` (one key per add). */
-  bytesKey?: string;
+  bytesKey: string;
   /** The message's size in bytes, as stored. */
   size: number;
   addedAt: number;

@@ -1,7 +1,7 @@
 /**
  * The queue's Redis side: loading BullMQ and ioredis (optional peers, loaded only when the queue
  * is used), one ioredis client per MailQueue or MailWorker, and the message bytes, stored once
- * per message under `<prefix>:<queue>:message:<job id>` beside the job (whose data is the small
+ * per message under `<prefix>:<queue>:message:<bytes key>` beside the job (whose data is the small
  * record). The bytes are read whole when small, and in 1 MiB ranges as a stream when large, so a
  * worker's transport reads them only when its read-ahead budget has room (maxReadAheadBytes).
  */
@@ -19,7 +19,6 @@ export interface QueueRedis {
   getrangeBuffer(key: string, start: number, end: number): Promise<Buffer>;
   strlen(key: string): Promise<number>;
   del(...keys: string[]): Promise<number>;
-  pexpire(key: string, ms: number): Promise<number>;
   quit(): Promise<unknown>;
   disconnect(): void;
   readonly status: string;

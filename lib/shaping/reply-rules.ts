@@ -99,8 +99,19 @@ export interface CompiledRule {
   trigger?: { count: number; windowMs: number };
 }
 
-/** A checked rule (validate.ts has checked every field) with its path. */
+/** Compiled rules by rule object and path: a rule holds no per-pair state (RuleBook counts), so every pair it covers shares one. */
+const compiled = new WeakMap<ReplyRule, Map<string, CompiledRule>>();
+
+/** A checked rule (validate.ts has checked every field) with its path; compiled once per rule and path. */
 export function compileRule(rule: ReplyRule, path: string): CompiledRule {
+  let byPath = compiled.get(rule);
+  if (!byPath) compiled.set(rule, (byPath = new Map()));
+  let done = byPath.get(path);
+  if (!done) byPath.set(path, (done = compile(rule, path)));
+  return done;
+}
+
+function compile(rule: ReplyRule, path: string): CompiledRule {
   const { match } = rule;
   const needle = typeof match === 'string' ? match.toLowerCase() : undefined;
   // A RegExp with the g or y flag keeps lastIndex between tests: test a copy without them.

@@ -114,7 +114,6 @@ const FLUSH_VERDICT_MS = 1_000;
  * the DataStream, as SMTPConnection would send them.
  */
 export class MessageHandover {
-  private started = false;
   /** When SMTPConnection began the message (after DATA's 354: the server had every RCPT by then). */
   startedAt: number | undefined;
   private aborted = false;
@@ -126,7 +125,6 @@ export class MessageHandover {
   ) {}
 
   pipe<T extends NodeJS.WritableStream>(destination: T): T {
-    this.started = true;
     this.startedAt = Date.now();
     const socket = this.socket;
     // A small message and its final dot leave in one write: corked only while they are handed
@@ -171,7 +169,7 @@ export class MessageHandover {
 
   /** How far the message got; asked once the transaction ended without a reply to the dot. */
   async progress(): Promise<MessageProgress> {
-    if (!this.started) return 'none';
+    if (this.startedAt === undefined) return 'none';
     if (!this.dotFlushed) return 'partial';
     // A socket that says nothing in time: the dot may have left, so the cautious answer.
     let timer: NodeJS.Timeout | undefined;

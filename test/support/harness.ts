@@ -46,3 +46,19 @@ export async function rejection(sending: Promise<BindingPoolSentMessageInfo>): P
     (err: BindingPoolSendError) => err,
   );
 }
+
+/**
+ * Figures a test file prints once it is done (the numbers a closing note quotes): returns
+ * `note(name, values)`, which adds a line `- name: key value, …`.
+ */
+export function printedFigures(title: string): (name: string, values: Record<string, unknown>) => void {
+  const figures: string[] = [];
+  afterAll(() => console.log(`${title}:\n${figures.join('\n')}`));
+  return (name, values) => {
+    figures.push(
+      `- ${name}: ${Object.entries(values)
+        .map(([k, v]) => `${k} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
+        .join(', ')}`,
+    );
+  };
+}

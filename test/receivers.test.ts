@@ -377,6 +377,83 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
     });
   });
 
+  describe('connections lent from pool to pool on a shared host', () => {
+    // Lending (host-slots.ts offerIdle): a connection whose own pool has no send waiting runs
+    // another pool's send and goes back. Each pair's own limits still hold on it, counted on the
+    // server: at most maxOutboundConnections transactions of a domain at once, and a connection
+    // never carries a domain's message past that domain's maxDeliveriesPerConnection.
+    test("8 domains through a relay, maxHostConnections 3, maxOutboundConnections 1, one domain with maxDeliveriesPerConnection 2: 160 messages all accepted once, each pair's limits kept, the pools dropped when idle", async () => {
+      const dataDelayMs = 15;
+      const server = await policyServer({ host: '127.0.0.21', dataDelayMs });
+      const limited = 'd0.sharedrelay.test';
+      const { pool, transporter } = transport({
+        route: server.route,
+        maxHostConnections: 3,
+        maxOutboundConnections: 1,
+        idleTimeout: 1_000,
+        acquireTimeout: 20_000,
+        domains: { [limited]: { maxDeliveriesPerConnection: 2 } },
+      });
+      const messages = receiverMessages('sharedRelay', 160, 8, 5);
+      const infos = await Promise.all(messages.map((m) => transporter.sendMail(m)));
+      const stats = pool.stats().pools;
+      // Parked dials do not keep a pool alive: every pool goes once idle.
+      await new Promise((resolve) => setTimeout(resolve, 2_500));
+      const later = pool.stats();
+      await pool.close();
+      await serversSettled(server);
+
+      const sent = messages.map((m) => m.to as string);
+      expect(infos.flatMap((info) => info.accepted).sort()).toEqual([...sent].sort());
+      const received = server.accepted.flatMap((m) => m.recipients);
+      expect(received.sort()).toEqual([...sent].sort());
+      expect(server.total.peakSessions).toBeLessThanOrEqual(3);
+
+      // Per domain, transactions at once: each from its RCPT to its DATA reply, sent dataDelayMs
+      // after the data (less 1 ms: the server's timer and its Date.now() round differently).
+      const rcptAt = new Map(server.rcpts.map((r) => [r.address, r.at]));
+      const byDomain = new Map<string, [number, number][]>();
+      for (const m of server.accepted) {
+        const domain = m.recipients[0].split('@')[1];
+        const spans = byDomain.get(domain) ?? [];
+        spans.push([rcptAt.get(m.recipients[0])!, m.at + dataDelayMs - 1]);
+        byDomain.set(domain, spans);
+      }
+      let peakPerDomain = 0;
+      for (const spans of byDomain.values()) {
+        for (const [start, end] of spans) peakPerDomain = Math.max(peakPerDomain, spans.filter(([s, e]) => s < end && start < e).length);
+      }
+      expect(peakPerDomain).toBe(1);
+      // The limited domain's messages were each at most the second of their session.
+      const position = new Map<string, number>();
+      const positions: number[] = [];
+      for (const m of server.accepted) {
+        const n = (position.get(m.session) ?? 0) + 1;
+        position.set(m.session, n);
+        if (m.recipients[0].endsWith(`@${limited}`)) positions.push(n);
+      }
+      expect(positions).toHaveLength(20);
+      expect(Math.max(...positions)).toBeLessThanOrEqual(2);
+
+      // The pools' own figures: every transaction counted once, in the pool of its domain.
+      const borrowed = stats.reduce((sum, p) => sum + p.borrowed, 0);
+      const lent = stats.reduce((sum, p) => sum + p.lent, 0);
+      for (const p of stats) expect(p.deliveries).toBe(20);
+      expect(borrowed).toBeGreaterThan(0);
+      expect(lent).toBe(borrowed);
+      expect(later.pools).toEqual([]);
+      expect(later.droppedPools.pools).toBe(8);
+      note('lending on a shared relay (8 domains, 3 connections, 160 messages)', {
+        sessions: server.sessions.length,
+        'peak sessions': server.total.peakSessions,
+        borrowed,
+        lent,
+        adopted: stats.reduce((sum, p) => sum + p.adopted, 0),
+        'limited domain positions': [...new Set(positions)].sort().join(','),
+      });
+    });
+  });
+
   test('slowDown, scaled down in time: 421 at MAIL FROM past 30 messages per 1 000 ms, 120 messages: all accepted, ≤ 1.3 MAIL and ≤ 0.3 connects per message', async () => {
     // The issue's receiver: 30 messages per 10 s; here 30 per 1 s, every time divided by 10. The
     // first throttle pause is connectBackoff (default 1 s, doubling per throttle in a row), a
@@ -571,7 +648,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
 
     // Review finding: generic-pool hands out only its most recent idle entry; when that one was
     // on another host, the waiting dial got nothing and its sends timed out.
-    test("a full host takes over the idle connection another pool holds there, also when that pool's newest idle connection is on another host", async () => {
+    test("a full host lends the idle connection another pool holds there, also when that pool's newest idle connection is on another host", async () => {
       const [a, b] = await serversOnOnePort([{ host: '127.0.0.5' }, { host: '127.0.0.6' }]);
       const dns = await dnsServer({
         mx: {
@@ -600,7 +677,9 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       expect(info.accepted).toEqual(['r2@one.test']);
       expect(elapsedMs).toBeLessThan(1_000);
       expect(a.total.connects).toBe(1);
-      expect(stats.find((p) => p.domain === 'one.test')).toMatchObject({ adopted: 1, opened: 0 });
+      // Lent for the send, not taken over: two.test's connection runs one.test's transaction and goes back.
+      expect(stats.find((p) => p.domain === 'one.test')).toMatchObject({ borrowed: 1, adopted: 0, opened: 0, transactions: 1, deliveries: 1 });
+      expect(stats.find((p) => p.domain === 'two.test')).toMatchObject({ lent: 1, handedOver: 0, transactions: 2, deliveries: 2 });
     });
 
     // Review finding: a pool whose last dial ended after its sends had given up was never dropped.

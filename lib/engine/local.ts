@@ -55,7 +55,8 @@ export interface Engine extends EventEmitter {
 
 /** verify()'s dials own nothing the host could ask back, and are always wanted. */
 const VERIFY_DIAL = {
-  owner: { closeIfIdle: () => false, yieldIdle: () => false, detach: () => undefined },
+  owner: { holdsIdle: () => false, closeIfIdle: () => false, yieldIdle: () => false, detach: () => undefined, borrow: () => false, takeBack: () => undefined },
+  park: () => () => undefined,
   wanted: () => true,
   signal: new AbortController().signal,
   mayConnect: () => true,

@@ -15,6 +15,12 @@
  *
  * Slots count dials in progress and connections until their socket is gone (a QUITting
  * connection still counts, as the receiver still counts it).
+ *
+ * When the host is full, a pool's dial waits here ("parks") and stands for its pool: a connection
+ * another pool is done with is lent to it for as long as its sends keep coming (and goes back to
+ * its own pool after), so that 200 domains on one relay through 40 connections cost no dial, no
+ * handover between generic-pools, per message. A connection changes pools for good ("adopted")
+ * only when the waiting pool cannot send at once (a rate, a pause) or takes an idle one.
  */
 import type { ConnectionLimits, CountingConnection } from '../smtp/connection';
 import { poolLog } from '../log';
@@ -24,15 +30,33 @@ export const REGROWTH_MS = 30_000;
 
 /** A pool that owns connections on hosts: asked for one it holds idle when another pool needs the slot. */
 export interface SlotOwner {
+  /** True while the pool holds the connection idle. */
+  holdsIdle(connection: CountingConnection): boolean;
   /** Closes the connection if the pool holds it idle; false if it is in use. */
   closeIfIdle(connection: CountingConnection): boolean;
   /**
-   * Takes one of its idle connections out of its idle list for another pool: `fits` says which
-   * one will do, `use` gets it (now no longer the pool's). False when it holds none idle.
+   * Takes `connection` out of its idle list for another pool and offers it to `take`: 'adopted',
+   * the connection is no longer the pool's (the pool detaches it then); 'lent', it is the pool's
+   * but runs the other pool's sends (it comes back through takeBack); false, it stays the pool's
+   * (the dial it was for was served meanwhile). Returns false when the pool does not hold it idle.
    */
-  yieldIdle(fits: (connection: CountingConnection) => boolean, use: (connection: CountingConnection | undefined) => void): boolean;
+  yieldIdle(connection: CountingConnection, take: (connection: CountingConnection) => 'adopted' | 'lent' | false): boolean;
   /** Lets go of a connection another pool takes over as it is (no QUIT: it stays open). */
   detach(connection: CountingConnection): void;
+  /**
+   * Runs one of its waiting sends on `connection`, which `lender` keeps owning: true when a send
+   * took it (the pool gives it back to `lender.takeBack` when it has no more use for it).
+   */
+  borrow(connection: CountingConnection, lender: SlotOwner): boolean;
+  /** A connection this pool lent comes back, with what the borrower did on it. */
+  takeBack(connection: CountingConnection, done: ConnectionWork): void;
+}
+
+/** What a connection did for one pool: its transactions, deliveries and recipients. */
+export interface ConnectionWork {
+  transactions: number;
+  deliveries: number;
+  recipients: number;
 }
 
 /** What a dial asks of a host. */
@@ -41,6 +65,13 @@ export interface SlotRequest {
   owner: SlotOwner;
   wanted: () => boolean;
   signal: AbortSignal;
+  /**
+   * Told when the dial starts to wait here (parks) and given `poke`, which looks for another
+   * pool's idle connection for it (its pool calls it when a new send comes); returns what to
+   * call when the dial stops waiting. A parked dial stands for its pool at the host: connections
+   * are lent to its pool's sends through it for as long as it waits.
+   */
+  park: (poke: () => void) => () => void;
   /** Connections with the same key are interchangeable (same binding, address, TLS, auth, timeouts). */
   reuseKey: string;
   /** The asking pool's per-connection limits: a connection taken over must have room under them. */
@@ -58,7 +89,11 @@ export interface Slot {
 /** A dial that gave up waiting for a slot: the pool closed, or no send wants it any more. */
 export class SlotCancelled extends Error {
   constructor(reason: string) {
+    // Never shown to anyone (the pool turns it into "no connection"): no stack to capture.
+    const { stackTraceLimit } = Error;
+    Error.stackTraceLimit = 0;
     super(reason);
+    Error.stackTraceLimit = stackTraceLimit;
     this.name = 'SlotCancelled';
   }
 }
@@ -67,6 +102,7 @@ interface SlotWaiter {
   request: SlotRequest;
   grant: (grant: SlotGrant) => void;
   cancel: (err: SlotCancelled) => void;
+  unpark: () => void;
 }
 
 interface AttachedConnection {
@@ -165,21 +201,30 @@ export class HostState {
     this.cap = request.cap;
     if (this.waiters.length === 0 && this.held < this.limit(request.cap)) return Promise.resolve({ slot: this.hold() });
     return new Promise((resolve, reject) => {
-      const waiter: SlotWaiter = { request, grant: resolve, cancel: reject };
-      const onAbort = (): void => {
-        const i = this.waiters.indexOf(waiter);
-        if (i >= 0) this.waiters.splice(i, 1);
-        reject(new SlotCancelled('the pool is closing'));
-      };
-      request.signal.addEventListener('abort', onAbort, { once: true });
-      waiter.grant = (grant) => {
-        request.signal.removeEventListener('abort', onAbort);
-        resolve(grant);
-      };
+      const waiter: SlotWaiter = { request, grant: resolve, cancel: reject, unpark: NOTHING };
+      cancelOnAbort(request.signal, this);
       this.waiters.push(waiter);
+      waiter.unpark = request.park(() => this.reclaimIdle(waiter));
       this.reclaimIdle(waiter);
       this.wake();
     });
+  }
+
+  /** Takes a dial out of the queue (it got a slot or a connection, or gave up). */
+  private unqueue(waiter: SlotWaiter, i = this.waiters.indexOf(waiter)): void {
+    if (i < 0) return;
+    this.waiters.splice(i, 1);
+    waiter.unpark();
+  }
+
+  /** The pool whose signal this is closes: its dials waiting here give up. */
+  cancelWaiting(signal: AbortSignal): void {
+    for (let i = this.waiters.length - 1; i >= 0; i--) {
+      const waiter = this.waiters[i];
+      if (waiter.request.signal !== signal) continue;
+      this.unqueue(waiter, i);
+      waiter.cancel(new SlotCancelled('the pool is closing'));
+    }
   }
 
   /** Binds a slot to a connection: the slot is released when its socket is gone. */
@@ -228,20 +273,19 @@ export class HostState {
     };
   }
 
-  /** Hands free slots to waiting dials, oldest first; a dial nobody wants any more is cancelled. */
+  /**
+   * Hands free slots to waiting dials, oldest first; a dial nobody wants any more is cancelled
+   * when a slot comes free for it (until then it stands for its pool here: see SlotRequest.park).
+   */
   private wake(): void {
     clearTimeout(this.wakeTimer);
     this.wakeTimer = undefined;
     while (this.waiters.length > 0) {
       const waiter = this.waiters[0];
-      if (!waiter.request.wanted()) {
-        this.waiters.shift();
-        waiter.cancel(new SlotCancelled('no send waits for this connection any more'));
-        continue;
-      }
       if (this.held >= this.limit(waiter.request.cap)) break;
-      this.waiters.shift();
-      waiter.grant({ slot: this.hold() });
+      this.unqueue(waiter, 0);
+      if (waiter.request.wanted()) waiter.grant({ slot: this.hold() });
+      else waiter.cancel(new SlotCancelled('no send waits for this connection any more'));
     }
     // A learned limit grows with time alone: wake the waiting dials when it does.
     if (this.waiters.length > 0 && this.learned !== Infinity) {
@@ -252,18 +296,51 @@ export class HostState {
 
   /**
    * A connection its pool is about to keep idle, while the host is full and another pool's dial
-   * waits here: taken over by that dial when it fits ('adopted'), or to be closed so the dial gets
-   * the slot ('close'); else 'keep'.
+   * waits here. In order of preference:
+   * - 'lent': a waiting pool with a send ready runs it on the connection, which stays its
+   *   owner's (no dial completes, no pool changes hands: the cheap path, taken for every message
+   *   when many domains share a host through fewer connections than they have pools);
+   * - 'adopted': the first waiting dial it fits takes it over (its pool's sends cannot go yet);
+   * - 'close': it fits no dial that is wanted, and is closed so that one gets the slot;
+   * - 'keep'.
+   * A pool that lent is moved to the back of the waiters, so pools take turns.
    */
-  offerIdle(connection: CountingConnection, owner: SlotOwner): 'adopted' | 'close' | 'keep' {
+  offerIdle(connection: CountingConnection, owner: SlotOwner): 'lent' | 'adopted' | 'close' | 'keep' {
     const attached = this.connections.get(connection);
-    const others = this.waiters.filter((w) => w.request.owner !== owner);
-    if (!attached || others.length === 0 || this.held < this.limit(others[0].request.cap)) return 'keep';
-    const taker = others.find((w) => this.fits(connection, attached, w));
-    if (!taker) return 'close';
+    if (!attached) return 'keep';
+    // Called for every connection a pool would keep idle: one pass over the waiters, no allocation.
+    let first: SlotWaiter | undefined;
+    let fitting: SlotWaiter | undefined;
+    let blocked = false;
+    for (let i = 0; i < this.waiters.length; i++) {
+      const waiter = this.waiters[i];
+      if (waiter.request.owner === owner) continue;
+      if (!first) {
+        first = waiter;
+        if (this.held < this.limit(waiter.request.cap)) return 'keep';
+      }
+      const fits = this.fits(connection, attached, waiter);
+      if (fits && waiter.request.owner.borrow(connection, owner)) {
+        this.toBack(waiter, i);
+        return 'lent';
+      }
+      // A parked dial whose pool has no send now only stands for it: nothing to take over or free a slot for.
+      if (!waiter.request.wanted()) continue;
+      // Its pool has sends but cannot run one now (a rate, a pause): it may take the connection over.
+      if (fits) fitting ??= waiter;
+      else blocked = true;
+    }
+    if (!fitting) return blocked ? 'close' : 'keep';
     owner.detach(connection);
-    this.handOver(connection, taker);
+    this.handOver(connection, fitting);
     return 'adopted';
+  }
+
+  /** A dial whose pool was lent a connection waits on behind the others: pools take turns. */
+  private toBack(waiter: SlotWaiter, i = this.waiters.indexOf(waiter)): void {
+    if (i < 0) return;
+    this.waiters.splice(i, 1);
+    this.waiters.push(waiter);
   }
 
   private fits(connection: CountingConnection, attached: AttachedConnection, waiter: SlotWaiter): boolean {
@@ -272,47 +349,70 @@ export class HostState {
 
   /** Gives a waiting dial an open connection another pool let go of. */
   private handOver(connection: CountingConnection, waiter: SlotWaiter): void {
-    const i = this.waiters.indexOf(waiter);
-    if (i >= 0) this.waiters.splice(i, 1);
+    this.unqueue(waiter);
     this.connections.set(connection, { owner: waiter.request.owner, reuseKey: waiter.request.reuseKey });
     poolLog('host %s full: %s taken over by another pool', this.key, connection.id);
     adoptedConnections.add(connection);
     waiter.grant({ adopted: connection });
   }
 
-  /** For a dial that waits on a full host: another pool's idle connection, taken over if one fits, else closed. */
+  /**
+   * For a dial that waits on a full host: another pool's idle connection, taken over if one fits,
+   * else one that does not fit closed to free its slot.
+   */
   private reclaimIdle(waiter: SlotWaiter): void {
     if (this.held < this.limit(waiter.request.cap)) return;
     const requester = waiter.request.owner;
-    const donors = new Set<SlotOwner>();
-    for (const { owner } of this.connections.values()) if (owner !== requester) donors.add(owner);
-    for (const donor of donors) {
-      const fits = (connection: CountingConnection): boolean => {
-        const attached = this.connections.get(connection);
-        return attached !== undefined && this.fits(connection, attached, waiter);
-      };
-      const yielded = donor.yieldIdle(fits, (connection) => {
-        const waiting = this.waiters.includes(waiter);
-        if (connection && waiting) this.handOver(connection, waiter);
-        else if (connection) void connection.close('evicted');
-        else if (waiting) this.evictIdle(requester);
-      });
-      if (yielded) return;
-    }
-    this.evictIdle(requester);
-  }
-
-  /** Closes an idle connection another pool holds here, to free its slot. */
-  private evictIdle(requester: SlotOwner): void {
-    if (this.held < this.limit(this.cap)) return;
-    for (const [connection, { owner }] of this.connections) {
-      if (owner !== requester && owner.closeIfIdle(connection)) {
-        poolLog('host %s full: closed idle %s for another pool', this.key, connection.id);
-        return;
+    let spare: { connection: CountingConnection; owner: SlotOwner } | undefined;
+    for (const [connection, attached] of this.connections) {
+      const { owner } = attached;
+      if (owner === requester || !owner.holdsIdle(connection)) continue;
+      if (!this.fits(connection, attached, waiter)) {
+        spare ??= { connection, owner };
+        continue;
       }
+      // The owner hands it over when it has it out of its idle list; by then the dial may have
+      // been served another way, and the owner keeps it.
+      const taken = owner.yieldIdle(connection, (yielded) => {
+        if (!this.waiters.includes(waiter)) return false;
+        if (requester.borrow(yielded, owner)) {
+          this.toBack(waiter);
+          return 'lent';
+        }
+        if (!waiter.request.wanted()) return false;
+        this.handOver(yielded, waiter);
+        return 'adopted';
+      });
+      if (taken) return;
     }
+    if (spare && spare.owner.closeIfIdle(spare.connection)) poolLog('host %s full: closed idle %s for another pool', this.key, spare.connection.id);
   }
 }
+
+/**
+ * The hosts each pool's signal has dials waiting on, so that one listener per pool cancels them
+ * when it closes: a listener per dial would cost each message (with many domains on a shared
+ * host, every message's connection comes through a dial that waits here).
+ */
+const waitingOn = new WeakMap<AbortSignal, Set<HostState>>();
+
+function cancelOnAbort(signal: AbortSignal, host: HostState): void {
+  let hosts = waitingOn.get(signal);
+  if (!hosts) {
+    const watched = new Set<HostState>();
+    waitingOn.set(signal, (hosts = watched));
+    signal.addEventListener(
+      'abort',
+      () => {
+        for (const watchedHost of watched) watchedHost.cancelWaiting(signal);
+      },
+      { once: true },
+    );
+  }
+  hosts.add(host);
+}
+
+const NOTHING = (): void => undefined;
 
 /** The host each attached connection holds a slot on. */
 const hostOf = new WeakMap<CountingConnection, HostState>();
@@ -325,7 +425,7 @@ export function takenOver(connection: CountingConnection): boolean {
 }
 
 /** A connection its pool is about to keep idle: see HostState.offerIdle. */
-export function offerIdle(connection: CountingConnection, owner: SlotOwner): 'adopted' | 'close' | 'keep' {
+export function offerIdle(connection: CountingConnection, owner: SlotOwner): 'lent' | 'adopted' | 'close' | 'keep' {
   return hostOf.get(connection)?.offerIdle(connection, owner) ?? 'keep';
 }
 

@@ -10,7 +10,8 @@
  * - A dial starts only for a send that no idle connection or dial under way will serve, within
  *   the pool's cap (connections still closing count), and when the DialGate allows it (connect
  *   backoff, throttle pause, probation after a 421: see pool/dial-gate.ts). A dial also needs a slot
- *   on its host, shared with other pools (pool/host-slots.ts).
+ *   on its host, shared with other pools (pool/host-slots.ts); while it waits for one, other pools'
+ *   connections there may be lent to this pool's sends (`borrow`), and count against its cap.
  * - A failed dial fails no send that an open connection can serve. Only when nothing is open or
  *   dialling do the waiting sends fail, at once (ECONNECT), as does a send during the backoff.
  * - A throttle pause holds every send; a send whose wait would outlast `acquireTimeout` goes
@@ -30,7 +31,7 @@ import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from '../errors';
 import { describeTarget, type CountingConnection, type RetireReason } from '../smtp/connection';
 import { DialGate } from './dial-gate';
-import { DialFailure, offerIdle, SlotCancelled, takenOver, type SlotOwner } from './host-slots';
+import { DialFailure, offerIdle, SlotCancelled, takenOver, type ConnectionWork, type SlotOwner } from './host-slots';
 import type { PairPolicy } from '../policy/pair-policy';
 import type { ClusterLeases } from './cluster-leases';
 import type { Bucket } from '../shaping/rate';
@@ -51,6 +52,8 @@ export interface DialRequest {
   connectRoomIn: () => number;
   /** A server's own refusal during the dial (a 4xx/5xx greeting, EHLO, STARTTLS), for the reply rules. */
   refused: (reply: string) => void;
+  /** The dial waits at a full host (see SlotRequest.park). */
+  park: (poke: () => void) => () => void;
 }
 
 /** Opens a connection for a pool; rejects with the connect error (a DialFailure from routing). */
@@ -104,6 +107,12 @@ export interface PoolStats {
   /** Open connections taken over from, and given to, other pools sending to the same host (maxHostConnections). */
   adopted: number;
   handedOver: number;
+  /**
+   * Times this pool ran its sends on another pool's open connection to the same host, lent for
+   * as long as it had sends ready (maxHostConnections), and times its own connections were lent so.
+   */
+  borrowed: number;
+  lent: number;
   retired: Partial<Record<RetireReason, number>>;
   /** Set while the pair is paused after the receiver throttled it (epoch ms of the pause's end). */
   pausedUntil?: number;
@@ -171,6 +180,30 @@ export class DestinationPool implements SlotOwner {
   private readonly detaching = new Set<CountingConnection>();
   private adopted = 0;
   private handedOver = 0;
+  /** Other pools' connections running this pool's sends: whose they are, and their figures when lent. */
+  private readonly lentIn = new Map<CountingConnection, { lender: SlotOwner; base: ConnectionWork }>();
+  private borrowed = 0;
+  private lent = 0;
+  /** What each dial asks with: the same for every dial of the pool (the router keeps what it derives from it). */
+  private readonly dialRequest: DialRequest = {
+    owner: this,
+    wanted: () => this.wantsDial(),
+    signal: this.abort.signal,
+    mayConnect: () => this.mayConnect(),
+    connectRoomIn: () => Math.max(1, this.policy.connectionAvailableAt(Date.now()) - Date.now()),
+    // The reply rules read a greeting's (EHLO's, STARTTLS's) refusal before the gate does.
+    refused: (reply) => this.policy.observe([reply], Date.now()),
+    park: (poke) => {
+      this.parked.add(poke);
+      return () => this.parked.delete(poke);
+    },
+  };
+  /**
+   * Dials waiting at a full host (each with what looks there for an idle connection): they stand
+   * for this pool there, so that other pools' connections are lent to its sends. They do not
+   * keep the pool from being idle: closing it cancels them.
+   */
+  private readonly parked = new Set<() => void>();
 
   constructor(
     binding: string,
@@ -218,6 +251,8 @@ export class DestinationPool implements SlotOwner {
     return new Promise((resolve, reject) => {
       this.waiters.add({ since: now, wants, resolve, reject });
       this.dispatch();
+      // A dial of this pool waits at a full host: another pool may hold an idle connection there.
+      if (this.waiters.size > 0 && this.parked.size > 0 && this.pool.available === 0) this.parked.values().next().value?.();
     });
   }
 
@@ -237,6 +272,14 @@ export class DestinationPool implements SlotOwner {
   release(connection: CountingConnection): void {
     const now = Date.now();
     this.afterTransaction(connection, now);
+    const loan = this.lentIn.get(connection);
+    if (loan) {
+      // A borrowed connection serves this pool's next send while it has one, then goes home.
+      if (connection.usable && !this.closing && this.handOut(connection, now)) return;
+      this.giveBack(connection, loan.lender, loan.base);
+      if (this.waiters.size > 0) this.dispatch();
+      return;
+    }
     if (!connection.usable) {
       this.afterReturn(this.pool.destroy(connection));
     } else if (this.handOut(connection, now)) {
@@ -288,8 +331,9 @@ export class DestinationPool implements SlotOwner {
   private mayDial(now: number): boolean {
     if (now < this.clusterWaitUntil) return false;
     // Each dial under way will take room in the connection rates as it connects.
+    // Borrowed connections count against the pair's cap as its own do.
     return (
-      this.live.size + this.dialing < this.policy.maxOutboundConnections &&
+      this.live.size + this.lentIn.size + this.dialing < this.policy.maxOutboundConnections &&
       this.gate.mayDial(now, this.dialing) &&
       this.policy.connectionRoom(now) > this.dialing
     );
@@ -390,8 +434,13 @@ export class DestinationPool implements SlotOwner {
   }
 
   private toIdle(connection: CountingConnection): void {
-    // Another pool waiting for this host's slot takes the connection over, or gets its slot.
-    const offer = offerIdle(connection, this);
+    // Another pool waiting for this host's slot borrows the connection or takes it over, or gets
+    // its slot. A closing pool lends nothing: its drain waits for every connection to come back.
+    const offer = this.closing ? 'keep' : offerIdle(connection, this);
+    if (offer === 'lent') {
+      this.lent++;
+      return;
+    }
     if (offer === 'adopted') {
       this.armIdleTimer();
       return;
@@ -406,31 +455,92 @@ export class DestinationPool implements SlotOwner {
   }
 
   /**
-   * Host slots: one of this pool's idle connections that `fits`, for another pool; false when
-   * none does. generic-pool hands out only its most recent idle entry, so every idle entry is
-   * taken out, the one that fits goes, the rest go back.
+   * Host slots: runs the oldest waiting send on another pool's connection (see SlotOwner.borrow),
+   * with this pool's limits on it while it is here. Never past the pair's own cap: its open
+   * connections and those it borrowed count together.
    */
-  yieldIdle(fits: (connection: CountingConnection) => boolean, use: (connection: CountingConnection | undefined) => void): boolean {
+  borrow(connection: CountingConnection, lender: SlotOwner): boolean {
+    if (this.closing || this.waiters.size === 0 || this.inUse() >= this.policy.maxOutboundConnections) return false;
+    const lenderLimits = connection.limits;
+    connection.limits = this.policy.limits;
+    this.lentIn.set(connection, { lender, base: workOf(connection) });
+    if (this.handOut(connection, Date.now())) {
+      this.borrowed++;
+      return true;
+    }
+    this.lentIn.delete(connection);
+    connection.limits = lenderLimits;
+    return false;
+  }
+
+  /** A borrowed connection goes back to its pool, with what it did here counted here. */
+  private giveBack(connection: CountingConnection, lender: SlotOwner, base: ConnectionWork): void {
+    this.lentIn.delete(connection);
+    const done = {
+      transactions: connection.transactions - base.transactions,
+      deliveries: connection.deliveries - base.deliveries,
+      recipients: connection.recipients - base.recipients,
+    };
+    this.totals.transactions += done.transactions;
+    this.totals.deliveries += done.deliveries;
+    this.totals.recipients += done.recipients;
+    lender.takeBack(connection, done);
+  }
+
+  /** Connections open, borrowed, or being dialled (not parked at a full host): what the pair's cap bounds. */
+  private inUse(): number {
+    return this.live.size + this.lentIn.size + this.dialing - this.parked.size;
+  }
+
+  /** Host slots: a connection this pool lent comes back; what it did elsewhere is not counted here. */
+  takeBack(connection: CountingConnection, done: ConnectionWork): void {
+    const base = this.baselines.get(connection) ?? { transactions: 0, deliveries: 0, recipients: 0 };
+    this.baselines.set(connection, {
+      transactions: base.transactions + done.transactions,
+      deliveries: base.deliveries + done.deliveries,
+      recipients: base.recipients + done.recipients,
+    });
+    connection.limits = this.policy.limits;
+    if (connection.usable) connection.retireIfSpent();
+    const now = Date.now();
+    if (!connection.usable) this.afterReturn(this.pool.destroy(connection));
+    else if (this.handOut(connection, now)) return;
+    else this.toIdle(connection);
+    if (this.waiters.size > 0) this.dispatch();
+  }
+
+  /** Host slots: true while the connection sits in this pool's idle list. */
+  holdsIdle(connection: CountingConnection): boolean {
+    return !this.closing && this.idleConnections.has(connection);
+  }
+
+  /**
+   * Host slots: `wanted`, one of this pool's idle connections, for another pool (see
+   * SlotOwner.yieldIdle). generic-pool hands out only its most recent idle entry, so every idle
+   * entry is taken out; `wanted` is offered first, then the rest go back (where they may serve
+   * other pools' dials), and so does `wanted` if it was not taken.
+   */
+  yieldIdle(wanted: CountingConnection, take: (connection: CountingConnection) => 'adopted' | 'lent' | false): boolean {
     const count = this.pool.available;
-    if (this.closing || count === 0 || ![...this.idleConnections].some(fits)) return false;
+    if (!this.holdsIdle(wanted) || count === 0) return false;
     this.grants += count;
     const taken = Array.from({ length: count }, () => this.pool.acquire().catch(() => undefined));
     void Promise.all(taken).then((entries) => {
       this.grants -= count;
-      let chosen: CountingConnection | undefined;
+      const back: CountingConnection[] = [];
       for (const entry of entries) {
         if (entry === undefined) continue;
-        if (entry instanceof NoConnection) {
+        if (entry instanceof NoConnection || !entry.usable) {
           this.afterReturn(this.pool.destroy(entry));
           continue;
         }
         this.idleConnections.delete(entry);
-        if (!chosen && entry.usable && fits(entry)) chosen = entry;
-        else if (entry.usable) this.toIdle(entry);
-        else this.afterReturn(this.pool.destroy(entry));
+        const taken = entry === wanted ? take(entry) : false;
+        if (taken === 'adopted') this.detach(entry);
+        else if (taken === 'lent') this.lent++;
+        else back.push(entry);
       }
-      if (chosen) this.detach(chosen);
-      use(chosen);
+      for (const connection of back) this.toIdle(connection);
       if (this.waiters.size > 0) this.dispatch();
     });
     return true;
@@ -473,9 +583,12 @@ export class DestinationPool implements SlotOwner {
     return true;
   }
 
-  /** Sends may wait for the dial: false once none does (a dial waiting for a host slot is then given up). */
+  /**
+   * Sends may wait for the dial: false once none does, or the pair's cap is used by connections
+   * it borrowed (a dial waiting for a host slot is then given up when it would get one).
+   */
   private wantsDial(): boolean {
-    return !this.closing && this.waiters.size > 0;
+    return !this.closing && this.waiters.size > 0 && this.live.size + this.lentIn.size < this.policy.maxOutboundConnections;
   }
 
   private afterReturn(done: Promise<void>): void {
@@ -587,9 +700,10 @@ export class DestinationPool implements SlotOwner {
     return !this.gate.backingOff(now) && !this.gate.paused(now);
   }
 
-  /** No delivery under way, no connection lent out, no send waiting, no dial. */
+  /** No delivery under way, no connection lent out, no send waiting, no dial but those parked at a full host. */
   get idle(): boolean {
-    return this.deliveries === 0 && this.pool.borrowed === 0 && this.waiters.size === 0 && this.grants === 0 && this.dialing === 0;
+    const parked = this.parked.size;
+    return this.deliveries === 0 && this.pool.borrowed === 0 && this.waiters.size === 0 && this.grants === parked && this.dialing === parked;
   }
 
   /** A delivery starts: the pool is not dropped as idle until it ends (`leave`). */
@@ -621,6 +735,8 @@ export class DestinationPool implements SlotOwner {
       ...sum,
       adopted: this.adopted,
       handedOver: this.handedOver,
+      borrowed: this.borrowed,
+      lent: this.lent,
       retired: { ...this.retired },
     };
     if (this.gate.paused(now)) stats.pausedUntil = this.gate.pauseEnds;
@@ -650,22 +766,17 @@ export class DestinationPool implements SlotOwner {
   private async create(): Promise<PoolEntry> {
     this.dialing++;
     const startedAt = Date.now();
-    const lease = await this.leases?.take(`pair:${this.binding}:${this.domain}`, this.policy.maxOutboundConnections, this.live.size + this.dialing);
+    // Not `await this.leases?.take(…)`: without coordination that is a turn of the queue per dial for nothing.
+    const lease = this.leases
+      ? await this.leases.take(`pair:${this.binding}:${this.domain}`, this.policy.maxOutboundConnections, this.live.size + this.dialing)
+      : undefined;
     if (lease && !lease.granted) {
       this.dialing--;
       this.clusterWaitUntil = Date.now() + lease.retryInMs;
       return new NoConnection();
     }
     try {
-      const connection = await this.connect({
-        owner: this,
-        wanted: () => this.wantsDial(),
-        signal: this.abort.signal,
-        mayConnect: () => this.mayConnect(),
-        connectRoomIn: () => Math.max(1, this.policy.connectionAvailableAt(Date.now()) - Date.now()),
-        // The reply rules read a greeting's (EHLO's, STARTTLS's) refusal before the gate does.
-        refused: (reply) => this.policy.observe([reply], Date.now()),
-      });
+      const connection = await this.connect(this.dialRequest);
       // A connection taken over from another pool has a past there (takenOver() is true once).
       const adopted = takenOver(connection);
       if (adopted) {
@@ -728,6 +839,10 @@ export class DestinationPool implements SlotOwner {
     // Its place in the cap is free only now that the socket is gone.
     if (this.waiters.size > 0) this.dispatch();
   }
+}
+
+function workOf(connection: CountingConnection): ConnectionWork {
+  return { transactions: connection.transactions, deliveries: connection.deliveries, recipients: connection.recipients };
 }
 
 /** Figures of pools already dropped, so stats() covers the transport's whole life. */

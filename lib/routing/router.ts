@@ -14,7 +14,7 @@ import type { MxAnswer, MxResolver } from './mx-resolver';
 import type { ConnectionLimits, ResolvedOptions } from '../policy/options';
 import type { Connector, DialRequest } from '../pool/registry';
 import { tlsPlan, withPlainTextRetry, type TlsPlan } from './tls-policy';
-import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots } from '../pool/host-slots';
+import { DialFailure, type DialOutcome, type DialVerdict, type HostSlots, type SlotRequest } from '../pool/host-slots';
 import type { ClusterLeases } from '../pool/cluster-leases';
 
 /** Everything a connection needs that depends on the host it goes to. */
@@ -27,7 +27,7 @@ type Hop = Pick<
     priority: number;
   };
 
-/** What a pair's dials share: its binding, options and limits, and the reuse key per host. */
+/** What a pair's dials share: its binding, options and limits, and what each host's dials share. */
 interface PairDial {
   binding: Binding;
   domain: string;
@@ -35,7 +35,25 @@ interface PairDial {
   limits: ConnectionLimits;
   label: string;
   backoff: { first: number; max: number };
-  reuseKeys: Map<string, string>;
+  /**
+   * The pair's route decision, built once: a route's never changes, an MX decision is kept per
+   * answer (a new answer comes when the resolver's cache entry expires). Each message's dial
+   * reuses it: with many domains on a shared host, every message dials and is handed another
+   * pool's connection (host-slots.ts), so a dial's cost is a message's.
+   */
+  routeDecision?: RouteDecision;
+  mxDecisions: WeakMap<MxAnswer, RouteDecision>;
+  /** Per hop of a decision: the target and the slot request, which depend on nothing else. */
+  hopDials: WeakMap<Hop, HopDial>;
+}
+
+/** What every dial of a pair to one hop asks with. */
+interface HopDial {
+  target: ConnectionTarget;
+  reuseKey: string;
+  /** The host slot request, for the pool's (constant) DialRequest it was built with. */
+  slotRequest: SlotRequest;
+  request: DialRequest;
 }
 
 /** Why one host of a dial gave no connection; `waitMs` when only a lease across processes or room in the connection rates was missing. */
@@ -67,6 +85,16 @@ export class Router {
     return mxDecision(await this.mx.lookup(domain), binding, domain, options);
   }
 
+  /** The pair's route decision for a dial: from its cache (see PairDial.routeDecision), else built. */
+  private async pairDecision(pair: PairDial): Promise<RouteDecision> {
+    const { binding, domain, options } = pair;
+    if (options.route) return (pair.routeDecision ??= { kind: 'hops', hops: [routeHop(options)] });
+    const answer = await this.mx.lookup(domain);
+    let decision = pair.mxDecisions.get(answer);
+    if (!decision) pair.mxDecisions.set(answer, (decision = mxDecision(answer, binding, domain, options)));
+    return decision;
+  }
+
   /**
    * Opens a connection for the pair. Hosts go in preference order; of equal preference, the one
    * with the fewest connections from the binding first (spread per connection, RFC 5321 5.1);
@@ -82,10 +110,11 @@ export class Router {
       limits,
       label: `${binding.name}/${domain}`,
       backoff: { first: options.connectBackoff, max: options.maxConnectBackoff },
-      reuseKeys: new Map<string, string>(),
+      mxDecisions: new WeakMap(),
+      hopDials: new WeakMap(),
     };
     return async (request) => {
-      const decision = await this.decide(binding, domain, options);
+      const decision = await this.pairDecision(pair);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
       const failures: string[] = [];
       let waits = 0;
@@ -112,22 +141,10 @@ export class Router {
 
   /** One host of a dial: a slot on it (or another pool's idle connection there), a lease with coordination, the connect. */
   private async tryHop(pair: PairDial, hop: Hop, request: DialRequest): Promise<CountingConnection | HopFailure> {
-    const { binding, domain, options, limits } = pair;
+    const { binding, options, limits } = pair;
     const host = this.slots.host(binding.name, hop.host, hop.port);
-    const target: ConnectionTarget = {
-      ...hop,
-      localAddress: binding.localAddress,
-      ehloName: binding.ehloName,
-      connectionTimeout: options.connectionTimeout,
-      greetingTimeout: options.greetingTimeout,
-      socketTimeout: options.socketTimeout,
-    };
-    // Everything in the key but the hop's address comes from this pair's options: computed once per host.
-    const hostKey = `${hop.host}:${hop.port}:${hop.servername ?? ''}`;
-    let reuseKey = pair.reuseKeys.get(hostKey);
-    // With coordination a connection's pair lease is its pool's: no other pool takes it over.
-    if (reuseKey === undefined) pair.reuseKeys.set(hostKey, (reuseKey = reuseKeyOf(target, hop.plainTextRetry) + (this.leases ? `\0${domain}` : '')));
-    const { slot, adopted } = await host.take({ ...request, cap: options.maxHostConnections, reuseKey, limits });
+    const { target, reuseKey, slotRequest } = this.hopDial(pair, hop, request);
+    const { slot, adopted } = await host.take(slotRequest);
     if (adopted) {
       // Another pool's open connection to this host, with this pool's limits from now on.
       adopted.limits = limits;
@@ -172,7 +189,30 @@ export class Router {
     }
   }
 
+  /** What the pair's dials to `hop` ask with, built on the first (see PairDial.hopDials). */
+  private hopDial(pair: PairDial, hop: Hop, request: DialRequest): HopDial {
+    const cached = pair.hopDials.get(hop);
+    if (cached && cached.request === request) return cached;
+    const { binding, domain, options, limits } = pair;
+    const target: ConnectionTarget = {
+      ...hop,
+      localAddress: binding.localAddress,
+      ehloName: binding.ehloName,
+      connectionTimeout: options.connectionTimeout,
+      greetingTimeout: options.greetingTimeout,
+      socketTimeout: options.socketTimeout,
+    };
+    // With coordination a connection's pair lease is its pool's: no other pool takes it over.
+    const reuseKey = reuseKeyOf(target, hop.plainTextRetry) + (this.leases ? `\0${domain}` : '');
+    const slotRequest: SlotRequest = { ...request, cap: options.maxHostConnections, reuseKey, limits };
+    const dial = { target, reuseKey, slotRequest, request };
+    pair.hopDials.set(hop, dial);
+    return dial;
+  }
+
   private dialOrder(binding: Binding, hops: Hop[]): Hop[] {
+    // One host (a route, a single MX address): nothing to order.
+    if (hops.length === 1) return hops;
     const now = Date.now();
     const candidates = hops.map((hop, order) => {
       const known = this.slots.peek(binding.name, hop.host, hop.port);

@@ -452,6 +452,74 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
         'limited domain positions': [...new Set(positions)].sort().join(','),
       });
     });
+
+    // Review findings (each failed before its fix).
+    test('a pool whose connection is lent gets it back for its own next send (host cap 2, one pair per connection, a 300-message burst borrowing it)', async () => {
+      const server = await policyServer({ host: '127.0.0.31', dataDelayMs: 10 });
+      const { pool, transporter } = transport({
+        route: server.route,
+        maxHostConnections: 2,
+        maxOutboundConnections: 1,
+        acquireTimeout: 1_500,
+        domains: { 'd.test': { maxDeliveriesPerConnection: 1 } },
+      });
+      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'lend', text: 'hello' });
+      await transporter.sendMail(mail('a0@a.test'));
+      const d = transporter.sendMail(mail('d0@d.test'));
+      await new Promise((resolve) => setTimeout(resolve, 2));
+      // b.test's burst parks at the full host and borrows a.test's idle connection.
+      const burst = Array.from({ length: 300 }, (_, i) => transporter.sendMail(mail(`b${i}@b.test`)));
+      await d;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      const started = Date.now();
+      const info = await transporter.sendMail(mail('a1@a.test'));
+      const waitedMs = Date.now() - started;
+      const burstInfos = await Promise.all(burst);
+      const lent = pool.stats().pools.find((p) => p.domain === 'a.test')?.lent;
+      await pool.close();
+      await serversSettled(server);
+      note('a lender with its own send while its connection is lent', { waitedMs, lent });
+      expect(info.accepted).toEqual(['a1@a.test']);
+      expect(waitedMs).toBeLessThan(1_000);
+      expect(burstInfos.flatMap((i) => i.accepted)).toHaveLength(300);
+      expect(lent).toBeGreaterThan(0);
+    });
+
+    test('dials parked while a pool borrows never take it past maxOutboundConnections when slots come free (cap 2, a borrowed connection, two slots freed)', async () => {
+      const dataDelayMs = 300;
+      const server = await policyServer({ host: '127.0.0.32', dataDelayMs });
+      const { pool, transporter } = transport({
+        route: server.route,
+        maxHostConnections: 3,
+        maxOutboundConnections: 2,
+        acquireTimeout: 20_000,
+        domains: { 'x.test': { maxOutboundConnections: 1 }, 'z.test': { maxDeliveriesPerConnection: 1 } },
+      });
+      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'cap', text: 'hello' });
+      const x = transporter.sendMail(mail('x0@x.test'));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      const others = [transporter.sendMail(mail('z0@z.test')), transporter.sendMail(mail('z1@z.test')), x];
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const burst = Array.from({ length: 20 }, (_, i) => transporter.sendMail(mail(`b${i}@b.test`)));
+      await Promise.all(others);
+      const infos = await Promise.all(burst);
+      await pool.close();
+      await serversSettled(server);
+      const rcptAt = new Map(server.rcpts.map((r) => [r.address, r.at]));
+      const events = server.accepted
+        .filter((m) => m.recipients[0].endsWith('@b.test'))
+        .flatMap((m): [number, number][] => [
+          [rcptAt.get(m.recipients[0])!, 1],
+          [m.at + dataDelayMs - 1, -1],
+        ])
+        .sort((p, q) => p[0] - q[0] || p[1] - q[1]);
+      let open = 0;
+      let peak = 0;
+      for (const [, step] of events) peak = Math.max(peak, (open += step));
+      note('b.test transactions at once, cap 2', { peak });
+      expect(infos.flatMap((i) => i.accepted)).toHaveLength(20);
+      expect(peak).toBeLessThanOrEqual(2);
+    });
   });
 
   test('slowDown, scaled down in time: 421 at MAIL FROM past 30 messages per 1 000 ms, 120 messages: all accepted, ≤ 1.3 MAIL and ≤ 0.3 connects per message', async () => {

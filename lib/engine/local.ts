@@ -55,7 +55,15 @@ export interface Engine extends EventEmitter {
 
 /** verify()'s dials own nothing the host could ask back, and are always wanted. */
 const VERIFY_DIAL = {
-  owner: { holdsIdle: () => false, closeIfIdle: () => false, yieldIdle: () => false, detach: () => undefined, borrow: () => false, takeBack: () => undefined },
+  owner: {
+    holdsIdle: () => false,
+    closeIfIdle: () => false,
+    yieldIdle: () => false,
+    detach: () => undefined,
+    borrow: () => false,
+    takeBack: () => undefined,
+    wantsBack: () => false,
+  },
   park: () => () => undefined,
   wanted: () => true,
   signal: new AbortController().signal,

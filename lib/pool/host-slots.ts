@@ -50,6 +50,8 @@ export interface SlotOwner {
   borrow(connection: CountingConnection, lender: SlotOwner): boolean;
   /** A connection this pool lent comes back, with what the borrower did on it. */
   takeBack(connection: CountingConnection, done: ConnectionWork): void;
+  /** True when the pool has sends waiting and nothing idle: a borrower gives its connection back now. */
+  wantsBack(): boolean;
 }
 
 /** What a connection did for one pool: its transactions, deliveries and recipients. */
@@ -103,6 +105,8 @@ interface SlotWaiter {
   grant: (grant: SlotGrant) => void;
   cancel: (err: SlotCancelled) => void;
   unpark: () => void;
+  /** In the queue still (not granted, handed a connection or cancelled). */
+  queued: boolean;
 }
 
 interface AttachedConnection {
@@ -145,7 +149,14 @@ export class HostState {
   private failures = 0;
   private backoffUntil = 0;
   private readonly connections = new Map<CountingConnection, AttachedConnection>();
+  /** Those its pool holds idle (see IdleConnections): what a waiting dial may be lent or take over. */
+  private readonly idleHere = new Set<CountingConnection>();
   private readonly waiters: SlotWaiter[] = [];
+  /**
+   * Of the waiting dials, those whose pool had a send ready when last heard of (a dial parks for
+   * a send; its pool pokes it when more come), in turn order: what a connection is lent to.
+   */
+  private readonly ready = new Set<SlotWaiter>();
   private wakeTimer: NodeJS.Timeout | undefined;
 
   constructor(
@@ -201,10 +212,15 @@ export class HostState {
     this.cap = request.cap;
     if (this.waiters.length === 0 && this.held < this.limit(request.cap)) return Promise.resolve({ slot: this.hold() });
     return new Promise((resolve, reject) => {
-      const waiter: SlotWaiter = { request, grant: resolve, cancel: reject, unpark: NOTHING };
+      const waiter: SlotWaiter = { request, grant: resolve, cancel: reject, unpark: NOTHING, queued: true };
       cancelOnAbort(request.signal, this);
       this.waiters.push(waiter);
-      waiter.unpark = request.park(() => this.reclaimIdle(waiter));
+      this.ready.add(waiter);
+      waiter.unpark = request.park(() => {
+        if (!waiter.queued) return;
+        this.ready.add(waiter);
+        this.reclaimIdle(waiter);
+      });
       this.reclaimIdle(waiter);
       this.wake();
     });
@@ -214,6 +230,8 @@ export class HostState {
   private unqueue(waiter: SlotWaiter, i = this.waiters.indexOf(waiter)): void {
     if (i < 0) return;
     this.waiters.splice(i, 1);
+    this.ready.delete(waiter);
+    waiter.queued = false;
     waiter.unpark();
   }
 
@@ -233,8 +251,15 @@ export class HostState {
     hostOf.set(connection, this);
     void connection.whenEnded().then(() => {
       this.connections.delete(connection);
+      this.idleHere.delete(connection);
       slot.release();
     });
+  }
+
+  /** Its pool put the connection in, or took it out of, its idle list. */
+  markIdle(connection: CountingConnection, idle: boolean): void {
+    if (!idle) this.idleHere.delete(connection);
+    else if (this.connections.has(connection)) this.idleHere.add(connection);
   }
 
   /** What a dial here taught: refusals while others are open lower the limit; dead hosts back off. */
@@ -283,8 +308,10 @@ export class HostState {
     while (this.waiters.length > 0) {
       const waiter = this.waiters[0];
       if (this.held >= this.limit(waiter.request.cap)) break;
+      // Asked while the dial is still parked: its pool counts it as a connection only once it leaves.
+      const wanted = waiter.request.wanted();
       this.unqueue(waiter, 0);
-      if (waiter.request.wanted()) waiter.grant({ slot: this.hold() });
+      if (wanted) waiter.grant({ slot: this.hold() });
       else waiter.cancel(new SlotCancelled('no send waits for this connection any more'));
     }
     // A learned limit grows with time alone: wake the waiting dials when it does.
@@ -303,29 +330,29 @@ export class HostState {
    * - 'adopted': the first waiting dial it fits takes it over (its pool's sends cannot go yet);
    * - 'close': it fits no dial that is wanted, and is closed so that one gets the slot;
    * - 'keep'.
-   * A pool that lent is moved to the back of the waiters, so pools take turns.
+   * A pool that borrowed goes behind the other ready pools, so pools take turns.
    */
   offerIdle(connection: CountingConnection, owner: SlotOwner): 'lent' | 'adopted' | 'close' | 'keep' {
     const attached = this.connections.get(connection);
-    if (!attached) return 'keep';
-    // Called for every connection a pool would keep idle: one pass over the waiters, no allocation.
-    let first: SlotWaiter | undefined;
+    // A free slot goes to the waiting dials (wake): nothing to lend, take over or close for.
+    if (!attached || this.waiters.length === 0 || this.held < this.limit(this.waiters[0].request.cap)) return 'keep';
     let fitting: SlotWaiter | undefined;
     let blocked = false;
-    for (let i = 0; i < this.waiters.length; i++) {
-      const waiter = this.waiters[i];
+    // Called for every connection a pool would keep idle: only the ready dials, no allocation.
+    for (const waiter of this.ready) {
       if (waiter.request.owner === owner) continue;
-      if (!first) {
-        first = waiter;
-        if (this.held < this.limit(waiter.request.cap)) return 'keep';
+      // Its pool has no send now: the dial only stands for it until it pokes the dial again.
+      if (!waiter.request.wanted()) {
+        this.ready.delete(waiter);
+        continue;
       }
       const fits = this.fits(connection, attached, waiter);
       if (fits && waiter.request.owner.borrow(connection, owner)) {
-        this.toBack(waiter, i);
+        // Its turn is over: behind the others, if its pool has more sends.
+        this.ready.delete(waiter);
+        if (waiter.request.wanted()) this.ready.add(waiter);
         return 'lent';
       }
-      // A parked dial whose pool has no send now only stands for it: nothing to take over or free a slot for.
-      if (!waiter.request.wanted()) continue;
       // Its pool has sends but cannot run one now (a rate, a pause): it may take the connection over.
       if (fits) fitting ??= waiter;
       else blocked = true;
@@ -334,13 +361,6 @@ export class HostState {
     owner.detach(connection);
     this.handOver(connection, fitting);
     return 'adopted';
-  }
-
-  /** A dial whose pool was lent a connection waits on behind the others: pools take turns. */
-  private toBack(waiter: SlotWaiter, i = this.waiters.indexOf(waiter)): void {
-    if (i < 0) return;
-    this.waiters.splice(i, 1);
-    this.waiters.push(waiter);
   }
 
   private fits(connection: CountingConnection, attached: AttachedConnection, waiter: SlotWaiter): boolean {
@@ -361,10 +381,12 @@ export class HostState {
    * else one that does not fit closed to free its slot.
    */
   private reclaimIdle(waiter: SlotWaiter): void {
-    if (this.held < this.limit(waiter.request.cap)) return;
+    if (this.held < this.limit(waiter.request.cap) || !waiter.request.wanted()) return;
     const requester = waiter.request.owner;
     let spare: { connection: CountingConnection; owner: SlotOwner } | undefined;
-    for (const [connection, attached] of this.connections) {
+    for (const connection of this.idleHere) {
+      const attached = this.connections.get(connection);
+      if (!attached) continue;
       const { owner } = attached;
       if (owner === requester || !owner.holdsIdle(connection)) continue;
       if (!this.fits(connection, attached, waiter)) {
@@ -374,11 +396,8 @@ export class HostState {
       // The owner hands it over when it has it out of its idle list; by then the dial may have
       // been served another way, and the owner keeps it.
       const taken = owner.yieldIdle(connection, (yielded) => {
-        if (!this.waiters.includes(waiter)) return false;
-        if (requester.borrow(yielded, owner)) {
-          this.toBack(waiter);
-          return 'lent';
-        }
+        if (!waiter.queued) return false;
+        if (requester.borrow(yielded, owner)) return 'lent';
         if (!waiter.request.wanted()) return false;
         this.handOver(yielded, waiter);
         return 'adopted';
@@ -413,6 +432,29 @@ function cancelOnAbort(signal: AbortSignal, host: HostState): void {
 }
 
 const NOTHING = (): void => undefined;
+
+/**
+ * A pool's idle connections, each also known to its host as idle there: a dial waiting at a
+ * full host looks only at those, not at every connection the host has.
+ */
+export class IdleConnections {
+  private readonly set = new Set<CountingConnection>();
+
+  add(connection: CountingConnection): void {
+    this.set.add(connection);
+    hostOf.get(connection)?.markIdle(connection, true);
+  }
+
+  delete(connection: CountingConnection): boolean {
+    if (!this.set.delete(connection)) return false;
+    hostOf.get(connection)?.markIdle(connection, false);
+    return true;
+  }
+
+  has(connection: CountingConnection): boolean {
+    return this.set.has(connection);
+  }
+}
 
 /** The host each attached connection holds a slot on. */
 const hostOf = new WeakMap<CountingConnection, HostState>();

@@ -31,7 +31,7 @@ import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from '../errors';
 import { describeTarget, type CountingConnection, type RetireReason } from '../smtp/connection';
 import { DialGate } from './dial-gate';
-import { DialFailure, offerIdle, SlotCancelled, takenOver, type ConnectionWork, type SlotOwner } from './host-slots';
+import { DialFailure, IdleConnections, offerIdle, SlotCancelled, takenOver, type ConnectionWork, type SlotOwner } from './host-slots';
 import type { PairPolicy } from '../policy/pair-policy';
 import type { ClusterLeases } from './cluster-leases';
 import type { Bucket } from '../shaping/rate';
@@ -156,7 +156,7 @@ export class DestinationPool implements SlotOwner {
   private readonly gate: DialGate;
   /** Connections from open until their socket is gone; `idle` those in generic-pool's idle list. */
   private readonly live = new Set<CountingConnection>();
-  private readonly idleConnections = new Set<CountingConnection>();
+  private readonly idleConnections = new IdleConnections();
   private readonly totals = { opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 };
   private readonly retired: Partial<Record<RetireReason, number>> = {};
   /** Sends waiting, oldest first (a Set: one that gives up leaves from the middle). */
@@ -182,6 +182,8 @@ export class DestinationPool implements SlotOwner {
   private handedOver = 0;
   /** Other pools' connections running this pool's sends: whose they are, and their figures when lent. */
   private readonly lentIn = new Map<CountingConnection, { lender: SlotOwner; base: ConnectionWork }>();
+  /** Set while close() waits for borrowed connections to go back (their figures count here). */
+  private allGivenBack: (() => void) | undefined;
   private borrowed = 0;
   private lent = 0;
   /** What each dial asks with: the same for every dial of the pool (the router keeps what it derives from it). */
@@ -251,8 +253,6 @@ export class DestinationPool implements SlotOwner {
     return new Promise((resolve, reject) => {
       this.waiters.add({ since: now, wants, resolve, reject });
       this.dispatch();
-      // A dial of this pool waits at a full host: another pool may hold an idle connection there.
-      if (this.waiters.size > 0 && this.parked.size > 0 && this.pool.available === 0) this.parked.values().next().value?.();
     });
   }
 
@@ -274,8 +274,10 @@ export class DestinationPool implements SlotOwner {
     this.afterTransaction(connection, now);
     const loan = this.lentIn.get(connection);
     if (loan) {
-      // A borrowed connection serves this pool's next send while it has one, then goes home.
-      if (connection.usable && !this.closing && this.handOut(connection, now)) return;
+      // A borrowed connection serves this pool's next send while it has one, then goes home: at
+      // once when its own pool has sends to run on it, or this pair's cap was lowered meanwhile.
+      const keep = connection.usable && !this.closing && !loan.lender.wantsBack() && this.live.size + this.lentIn.size <= this.policy.maxOutboundConnections;
+      if (keep && this.handOut(connection, now)) return;
       this.giveBack(connection, loan.lender, loan.base);
       if (this.waiters.size > 0) this.dispatch();
       return;
@@ -325,6 +327,8 @@ export class DestinationPool implements SlotOwner {
     }
     if (this.waiters.size > this.grants && this.dialing === 0 && !this.anyServing()) this.failWaiting(now);
     this.freshFailure = undefined;
+    // Sends wait behind dials parked at a full host: those stand for this pool there (see SlotRequest.park).
+    if (this.parked.size > 0 && this.waiters.size > 0 && this.pool.available === 0) for (const poke of this.parked) poke();
     this.armWakeTimer(now);
   }
 
@@ -476,6 +480,7 @@ export class DestinationPool implements SlotOwner {
   /** A borrowed connection goes back to its pool, with what it did here counted here. */
   private giveBack(connection: CountingConnection, lender: SlotOwner, base: ConnectionWork): void {
     this.lentIn.delete(connection);
+    if (this.lentIn.size === 0) this.allGivenBack?.();
     const done = {
       transactions: connection.transactions - base.transactions,
       deliveries: connection.deliveries - base.deliveries,
@@ -588,7 +593,12 @@ export class DestinationPool implements SlotOwner {
    * it borrowed (a dial waiting for a host slot is then given up when it would get one).
    */
   private wantsDial(): boolean {
-    return !this.closing && this.waiters.size > 0 && this.live.size + this.lentIn.size < this.policy.maxOutboundConnections;
+    return !this.closing && this.waiters.size > 0 && this.inUse() < this.policy.maxOutboundConnections;
+  }
+
+  /** Host slots: sends wait here with no idle connection of this pool's (see SlotOwner.wantsBack). */
+  wantsBack(): boolean {
+    return !this.closing && this.waiters.size > 0 && this.pool.available === 0;
   }
 
   private afterReturn(done: Promise<void>): void {
@@ -751,6 +761,8 @@ export class DestinationPool implements SlotOwner {
     clearTimeout(this.wakeTimer);
     this.abort.abort();
     this.rejectAll(new BindingPoolError('ECLOSED', 'the transport is closing'));
+    // Sends running on borrowed connections end first: what they did counts here.
+    if (this.lentIn.size > 0) await new Promise<void>((resolve) => (this.allGivenBack = resolve));
     await this.pool.drain();
     await this.pool.clear();
   }

@@ -485,6 +485,60 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       expect(lent).toBeGreaterThan(0);
     });
 
+    test('a failed dial fails no send a borrowed connection serves (the only other session is never greeted)', async () => {
+      const server = await policyServer({ host: '127.0.0.43', stallAfter: 1, dataDelayMs: 30 });
+      const { pool, transporter } = transport({
+        route: server.route,
+        maxHostConnections: 2,
+        maxOutboundConnections: 2,
+        greetingTimeout: 200,
+        acquireTimeout: 20_000,
+      });
+      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'serve', text: 'hello' });
+      await transporter.sendMail(mail('a0@a.test'));
+      // p.test's first dial stalls at the greeting; its second parks and borrows a.test's connection.
+      const results = await Promise.allSettled(Array.from({ length: 20 }, (_, i) => transporter.sendMail(mail(`p${i}@p.test`))));
+      const p = pool.stats().pools.find((s) => s.domain === 'p.test');
+      await pool.close();
+      await serversSettled(server);
+      note('p.test over a borrowed connection while its own dials fail', { borrowed: p?.borrowed, connectFailures: p?.connectFailures });
+      expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
+      expect(server.acceptedRecipients().size).toBe(21);
+      expect(p?.connectFailures).toBeGreaterThan(0);
+    });
+
+    test('a parked dial has one idle connection of another kind closed for its slot, however often its pool pokes it', async () => {
+      const server = await policyServer({ host: '127.0.0.42' });
+      const { pool, transporter } = transport({
+        route: server.route,
+        maxHostConnections: 2,
+        acquireTimeout: 10_000,
+        domains: { 'o.test': { socketTimeout: 123_456, maxOutboundConnections: 2 }, 'p.test': { maxOutboundConnections: 1 } },
+      });
+      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'spare', text: 'hello' });
+      await Promise.all([transporter.sendMail(mail('a@o.test')), transporter.sendMail(mail('b@o.test'))]);
+      await Promise.all(Array.from({ length: 4 }, (_, i) => transporter.sendMail(mail(`p${i}@p.test`))));
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await transporter.sendMail(mail('c@o.test'));
+      await pool.close();
+      await serversSettled(server);
+      // o.test's first connection closed for p.test's one dial; its second carries o.test's next message.
+      expect(server.counts(SOURCE_ADDRESS).connects).toBe(3);
+    });
+
+    test('a pool whose second dial was parked at a full host is still dropped when idle', async () => {
+      const server = await policyServer({ host: '127.0.0.41' });
+      const { pool, transporter } = transport({ route: server.route, maxHostConnections: 1, maxOutboundConnections: 2, idleTimeout: 500 });
+      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'idle', text: 'hello' });
+      await Promise.all([transporter.sendMail(mail('a@d.test')), transporter.sendMail(mail('b@d.test'))]);
+      await new Promise((resolve) => setTimeout(resolve, 2_500));
+      const stats = pool.stats();
+      await pool.close();
+      await serversSettled(server);
+      expect(stats.pools).toEqual([]);
+      expect(stats.droppedPools.pools).toBe(1);
+    });
+
     test('dials parked while a pool borrows never take it past maxOutboundConnections when slots come free (cap 2, a borrowed connection, two slots freed)', async () => {
       const dataDelayMs = 300;
       const server = await policyServer({ host: '127.0.0.32', dataDelayMs });

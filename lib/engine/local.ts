@@ -12,7 +12,7 @@ import { BindingPoolError, describeError } from '../errors';
 import { HostSlots, type HostStats } from '../pool/host-slots';
 import { MxResolver } from '../routing/mx-resolver';
 import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from '../policy/options';
-import { PoolRegistry, type ConnectionSummary, type DroppedPoolTotals, type PoolStats } from '../pool/registry';
+import { PoolRegistry, type ConnectionSummary, type DialRequest, type DroppedPoolTotals, type PoolStats } from '../pool/registry';
 import type { Recipient } from '../message/recipients';
 import { Router } from '../routing/router';
 import { PolicyRegistry, type RateStats } from '../policy/policy-registry';
@@ -53,24 +53,29 @@ export interface Engine extends EventEmitter {
   close(): Promise<void>;
 }
 
-/** verify()'s dials own nothing the host could ask back, and are always wanted. */
-const VERIFY_DIAL = {
-  owner: {
-    holdsIdle: () => false,
-    closeIfIdle: () => false,
-    yieldIdle: () => false,
-    detach: () => undefined,
-    borrow: () => false,
-    takeBack: () => undefined,
-    wantsBack: () => false,
-  },
-  park: () => () => undefined,
-  wanted: () => true,
-  signal: new AbortController().signal,
-  mayConnect: () => true,
-  connectRoomIn: () => 0,
-  refused: () => undefined,
-};
+/**
+ * A verify() dial: it owns nothing the host could ask back and is always wanted; its own signal,
+ * so that a host it waited on is not kept for the process's life.
+ */
+function verifyDial(): DialRequest {
+  return {
+    owner: {
+      holdsIdle: () => false,
+      closeIfIdle: () => false,
+      yieldIdle: () => false,
+      detach: () => undefined,
+      borrow: () => false,
+      takeBack: () => undefined,
+      wantsBack: () => false,
+    },
+    park: () => () => undefined,
+    wanted: () => true,
+    signal: new AbortController().signal,
+    mayConnect: () => true,
+    connectRoomIn: () => 0,
+    refused: () => undefined,
+  };
+}
 
 export class LocalEngine extends EventEmitter implements Engine {
   private readonly scopes: ScopeResolver;
@@ -146,7 +151,7 @@ export class LocalEngine extends EventEmitter implements Engine {
       const options: ResolvedOptions = { ...this.scopes.resolve(binding, domain), route };
       const limits = { maxDeliveries: 0, maxRecipients: 0, maxRecipientsPerTransaction: options.maxRecipientsPerTransaction };
       try {
-        const connection = await this.router.connectorFor(binding, domain ?? route.host, options, limits)(VERIFY_DIAL);
+        const connection = await this.router.connectorFor(binding, domain ?? route.host, options, limits)(verifyDial());
         await connection.close('shutdown');
       } catch (err) {
         throw new BindingPoolError(

@@ -107,6 +107,8 @@ interface SlotWaiter {
   unpark: () => void;
   /** In the queue still (not granted, handed a connection or cancelled). */
   queued: boolean;
+  /** It had an idle connection of another kind closed for its slot: once per dial, however often it is poked. */
+  freedOne?: boolean;
 }
 
 interface AttachedConnection {
@@ -404,7 +406,9 @@ export class HostState {
       });
       if (taken) return;
     }
-    if (spare && spare.owner.closeIfIdle(spare.connection)) poolLog('host %s full: closed idle %s for another pool', this.key, spare.connection.id);
+    if (!spare || waiter.freedOne || !spare.owner.closeIfIdle(spare.connection)) return;
+    waiter.freedOne = true;
+    poolLog('host %s full: closed idle %s for another pool', this.key, spare.connection.id);
   }
 }
 

@@ -376,6 +376,8 @@ export class DestinationPool implements SlotOwner {
   /** An open connection not retired: it will serve the queue when it comes back. */
   private anyServing(): boolean {
     for (const connection of this.live) if (connection.retireReason === undefined) return true;
+    // A borrowed connection serves them too (it goes back only when they are done, or to its own pool's sends).
+    for (const connection of this.lentIn.keys()) if (connection.usable) return true;
     return false;
   }
 
@@ -545,7 +547,9 @@ export class DestinationPool implements SlotOwner {
         else if (taken === 'lent') this.lent++;
         else back.push(entry);
       }
-      for (const connection of back) this.toIdle(connection);
+      // This pool's own sends first, as when a connection comes back (takeBack).
+      const now = Date.now();
+      for (const connection of back) if (!this.handOut(connection, now)) this.toIdle(connection);
       if (this.waiters.size > 0) this.dispatch();
     });
     return true;
@@ -712,8 +716,9 @@ export class DestinationPool implements SlotOwner {
 
   /** No delivery under way, no connection lent out, no send waiting, no dial but those parked at a full host. */
   get idle(): boolean {
+    // A parked dial's acquire may have been served by a connection released meanwhile: fewer grants than parked dials.
     const parked = this.parked.size;
-    return this.deliveries === 0 && this.pool.borrowed === 0 && this.waiters.size === 0 && this.grants === parked && this.dialing === parked;
+    return this.deliveries === 0 && this.pool.borrowed === 0 && this.waiters.size === 0 && this.grants <= parked && this.dialing === parked;
   }
 
   /** A delivery starts: the pool is not dropped as idle until it ends (`leave`). */
@@ -822,6 +827,8 @@ export class DestinationPool implements SlotOwner {
       return new NoConnection();
     } finally {
       this.dialing--;
+      // A dial given up (cancelled at its host) may leave the pool idle: nothing else would look.
+      if (this.waiters.size === 0) this.armIdleTimer();
     }
   }
 
@@ -850,6 +857,7 @@ export class DestinationPool implements SlotOwner {
     });
     // Its place in the cap is free only now that the socket is gone.
     if (this.waiters.size > 0) this.dispatch();
+    else this.armIdleTimer();
   }
 }
 

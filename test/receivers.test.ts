@@ -378,6 +378,8 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
   });
 
   describe('connections lent from pool to pool on a shared host', () => {
+    const plainMail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'lending', text: 'hello' });
+
     // Lending (host-slots.ts offerIdle): a connection whose own pool has no send waiting runs
     // another pool's send and goes back. Each pair's own limits still hold on it, counted on the
     // server: at most maxOutboundConnections transactions of a domain at once, and a connection
@@ -463,16 +465,15 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
         acquireTimeout: 1_500,
         domains: { 'd.test': { maxDeliveriesPerConnection: 1 } },
       });
-      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'lend', text: 'hello' });
-      await transporter.sendMail(mail('a0@a.test'));
-      const d = transporter.sendMail(mail('d0@d.test'));
+      await transporter.sendMail(plainMail('a0@a.test'));
+      const d = transporter.sendMail(plainMail('d0@d.test'));
       await new Promise((resolve) => setTimeout(resolve, 2));
       // b.test's burst parks at the full host and borrows a.test's idle connection.
-      const burst = Array.from({ length: 300 }, (_, i) => transporter.sendMail(mail(`b${i}@b.test`)));
+      const burst = Array.from({ length: 300 }, (_, i) => transporter.sendMail(plainMail(`b${i}@b.test`)));
       await d;
       await new Promise((resolve) => setTimeout(resolve, 200));
       const started = Date.now();
-      const info = await transporter.sendMail(mail('a1@a.test'));
+      const info = await transporter.sendMail(plainMail('a1@a.test'));
       const waitedMs = Date.now() - started;
       const burstInfos = await Promise.all(burst);
       const lent = pool.stats().pools.find((p) => p.domain === 'a.test')?.lent;
@@ -494,10 +495,9 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
         greetingTimeout: 200,
         acquireTimeout: 20_000,
       });
-      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'serve', text: 'hello' });
-      await transporter.sendMail(mail('a0@a.test'));
+      await transporter.sendMail(plainMail('a0@a.test'));
       // p.test's first dial stalls at the greeting; its second parks and borrows a.test's connection.
-      const results = await Promise.allSettled(Array.from({ length: 20 }, (_, i) => transporter.sendMail(mail(`p${i}@p.test`))));
+      const results = await Promise.allSettled(Array.from({ length: 20 }, (_, i) => transporter.sendMail(plainMail(`p${i}@p.test`))));
       const p = pool.stats().pools.find((s) => s.domain === 'p.test');
       await pool.close();
       await serversSettled(server);
@@ -515,11 +515,10 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
         acquireTimeout: 10_000,
         domains: { 'o.test': { socketTimeout: 123_456, maxOutboundConnections: 2 }, 'p.test': { maxOutboundConnections: 1 } },
       });
-      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'spare', text: 'hello' });
-      await Promise.all([transporter.sendMail(mail('a@o.test')), transporter.sendMail(mail('b@o.test'))]);
-      await Promise.all(Array.from({ length: 4 }, (_, i) => transporter.sendMail(mail(`p${i}@p.test`))));
+      await Promise.all([transporter.sendMail(plainMail('a@o.test')), transporter.sendMail(plainMail('b@o.test'))]);
+      await Promise.all(Array.from({ length: 4 }, (_, i) => transporter.sendMail(plainMail(`p${i}@p.test`))));
       await new Promise((resolve) => setTimeout(resolve, 200));
-      await transporter.sendMail(mail('c@o.test'));
+      await transporter.sendMail(plainMail('c@o.test'));
       await pool.close();
       await serversSettled(server);
       // o.test's first connection closed for p.test's one dial; its second carries o.test's next message.
@@ -529,8 +528,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
     test('a pool whose second dial was parked at a full host is still dropped when idle', async () => {
       const server = await policyServer({ host: '127.0.0.41' });
       const { pool, transporter } = transport({ route: server.route, maxHostConnections: 1, maxOutboundConnections: 2, idleTimeout: 500 });
-      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'idle', text: 'hello' });
-      await Promise.all([transporter.sendMail(mail('a@d.test')), transporter.sendMail(mail('b@d.test'))]);
+      await Promise.all([transporter.sendMail(plainMail('a@d.test')), transporter.sendMail(plainMail('b@d.test'))]);
       await new Promise((resolve) => setTimeout(resolve, 2_500));
       const stats = pool.stats();
       await pool.close();
@@ -549,12 +547,11 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
         acquireTimeout: 20_000,
         domains: { 'x.test': { maxOutboundConnections: 1 }, 'z.test': { maxDeliveriesPerConnection: 1 } },
       });
-      const mail = (to: string): SendMailOptions => ({ from: 's@sender.example', to, subject: 'cap', text: 'hello' });
-      const x = transporter.sendMail(mail('x0@x.test'));
+      const x = transporter.sendMail(plainMail('x0@x.test'));
       await new Promise((resolve) => setTimeout(resolve, 20));
-      const others = [transporter.sendMail(mail('z0@z.test')), transporter.sendMail(mail('z1@z.test')), x];
+      const others = [transporter.sendMail(plainMail('z0@z.test')), transporter.sendMail(plainMail('z1@z.test')), x];
       await new Promise((resolve) => setTimeout(resolve, 100));
-      const burst = Array.from({ length: 20 }, (_, i) => transporter.sendMail(mail(`b${i}@b.test`)));
+      const burst = Array.from({ length: 20 }, (_, i) => transporter.sendMail(plainMail(`b${i}@b.test`)));
       await Promise.all(others);
       const infos = await Promise.all(burst);
       await pool.close();

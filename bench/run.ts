@@ -41,6 +41,8 @@ import { MIX_CLASSES, MIX_DESCRIPTION, mixTotals, mixVariantSizes } from './mix'
 
 interface Settings {
   scenarios: string[];
+  /** Warm-up sends per candidate round (`--warmup`); unset, a tenth of the round. */
+  warmup?: number;
   quick: boolean;
   rounds: number;
   sends: number | undefined;
@@ -84,6 +86,7 @@ function parseSettings(argv: string[]): Settings {
   const quick = bool('quick') || env.BENCH_QUICK === '1';
   const profile = bool('profile') || env.BENCH_PROFILE === '1';
   const sendsText = flag('sends') ?? env.BENCH_SENDS ?? env.BENCH_MESSAGES;
+  const warmupText = flag('warmup') ?? env.BENCH_WARMUP;
   const settings: Settings = {
     quick,
     profile,
@@ -95,6 +98,8 @@ function parseSettings(argv: string[]): Settings {
     memoryDomains: int(flag('memory-domains') ?? env.BENCH_MEMORY_DOMAINS, quick ? 1_000 : 10_000),
     // 0: long enough that every pool is still live when the sends end (sized from the warm-up's rate).
     memoryIdleMs: int(flag('memory-idle') ?? env.BENCH_MEMORY_IDLE_MS, 0),
+    // Sends on the warm-up instance; unset, a tenth of the round (50 to 1 000).
+    warmup: warmupText === undefined ? undefined : int(warmupText, 0),
     childTimeoutMs: int(env.BENCH_CHILD_TIMEOUT_MS, 180_000),
     big: {
       count: int(flag('big-count') ?? env.BENCH_BIG_COUNT, quick ? 20 : 200),
@@ -219,7 +224,7 @@ const roundMBps = (result: RunResult, mix: MixFigures): number => (mix.bytes * (
 
 async function runScenario(scenario: Scenario, settings: Settings, sink: Sink, mix?: MixFigures): Promise<Map<CandidateName, Round[]>> {
   const sends = sendsFor(scenario, settings);
-  const warmupSends = scenario.shape === 'fanout' ? 1 : Math.min(1_000, Math.max(50, Math.floor(sends / 10)));
+  const warmupSends = settings.warmup ?? (scenario.shape === 'fanout' ? 1 : Math.min(1_000, Math.max(50, Math.floor(sends / 10))));
   const window = scenario.window === 'all' ? sends : settings.window;
   const rounds = new Map<CandidateName, Round[]>(scenario.candidates.map((c) => [c, []]));
   console.log(`\n=== ${scenario.name}: ${scenario.title}`);

@@ -542,9 +542,9 @@ export class DestinationPool implements SlotOwner {
           continue;
         }
         this.idleConnections.delete(entry);
-        const taken = entry === wanted ? take(entry) : false;
-        if (taken === 'adopted') this.detach(entry);
-        else if (taken === 'lent') this.lent++;
+        const outcome = entry === wanted ? take(entry) : false;
+        if (outcome === 'adopted') this.detach(entry);
+        else if (outcome === 'lent') this.lent++;
         else back.push(entry);
       }
       // This pool's own sends first, as when a connection comes back (takeBack).

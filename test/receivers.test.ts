@@ -153,6 +153,15 @@ async function serversSettled(...servers: PolicyServer[]): Promise<void> {
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
+/** After `ms`, the transport's stats; then it closes and the servers see every session end. */
+async function statsAfter(ms: number, pool: lib.BindingPoolTransport, ...servers: PolicyServer[]): Promise<ReturnType<lib.BindingPoolTransport['stats']>> {
+  await sleep(ms);
+  const stats = pool.stats();
+  await pool.close();
+  await serversSettled(...servers);
+  return stats;
+}
+
 interface SentThrough {
   settled: Settled;
   /** The first pool's stats as the batch settled, before the transport was closed. */
@@ -400,7 +409,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       const infos = await Promise.all(messages.map((m) => transporter.sendMail(m)));
       const stats = pool.stats().pools;
       // Parked dials do not keep a pool alive: every pool goes once idle.
-      await new Promise((resolve) => setTimeout(resolve, 2_500));
+      await sleep(2_500);
       const later = pool.stats();
       await pool.close();
       await serversSettled(server);
@@ -467,11 +476,11 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       });
       await transporter.sendMail(plainMail('a0@a.test'));
       const d = transporter.sendMail(plainMail('d0@d.test'));
-      await new Promise((resolve) => setTimeout(resolve, 2));
+      await sleep(2);
       // b.test's burst parks at the full host and borrows a.test's idle connection.
       const burst = Array.from({ length: 300 }, (_, i) => transporter.sendMail(plainMail(`b${i}@b.test`)));
       await d;
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      await sleep(200);
       const started = Date.now();
       const info = await transporter.sendMail(plainMail('a1@a.test'));
       const waitedMs = Date.now() - started;
@@ -517,7 +526,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       });
       await Promise.all([transporter.sendMail(plainMail('a@o.test')), transporter.sendMail(plainMail('b@o.test'))]);
       await Promise.all(Array.from({ length: 4 }, (_, i) => transporter.sendMail(plainMail(`p${i}@p.test`))));
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      await sleep(200);
       await transporter.sendMail(plainMail('c@o.test'));
       await pool.close();
       await serversSettled(server);
@@ -529,10 +538,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       const server = await policyServer({ host: '127.0.0.41' });
       const { pool, transporter } = transport({ route: server.route, maxHostConnections: 1, maxOutboundConnections: 2, idleTimeout: 500 });
       await Promise.all([transporter.sendMail(plainMail('a@d.test')), transporter.sendMail(plainMail('b@d.test'))]);
-      await new Promise((resolve) => setTimeout(resolve, 2_500));
-      const stats = pool.stats();
-      await pool.close();
-      await serversSettled(server);
+      const stats = await statsAfter(2_500, pool, server);
       expect(stats.pools).toEqual([]);
       expect(stats.droppedPools.pools).toBe(1);
     });
@@ -548,9 +554,9 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
         domains: { 'x.test': { maxOutboundConnections: 1 }, 'z.test': { maxDeliveriesPerConnection: 1 } },
       });
       const x = transporter.sendMail(plainMail('x0@x.test'));
-      await new Promise((resolve) => setTimeout(resolve, 20));
+      await sleep(20);
       const others = [transporter.sendMail(plainMail('z0@z.test')), transporter.sendMail(plainMail('z1@z.test')), x];
-      await new Promise((resolve) => setTimeout(resolve, 100));
+      await sleep(100);
       const burst = Array.from({ length: 20 }, (_, i) => transporter.sendMail(plainMail(`b${i}@b.test`)));
       await Promise.all(others);
       const infos = await Promise.all(burst);
@@ -808,10 +814,7 @@ describe('receivers that defend themselves (issue 11), counted on the server sid
       const err = await transporter.sendMail(receiverMessages('perIpCap', 1, 1)[0]).catch((e: unknown) => e as { code: string });
       expect(err.code).toBe('EPENDING');
       // The dial fails at the greeting timeout (300 ms), then the pool is idle for 200 ms.
-      await new Promise((resolve) => setTimeout(resolve, 900));
-      const stats = pool.stats();
-      await pool.close();
-      await serversSettled(silent);
+      const stats = await statsAfter(900, pool, silent);
       expect(stats.pools).toEqual([]);
       expect(stats.droppedPools.pools).toBe(1);
     });

@@ -129,3 +129,11 @@ export function groupByDomain(addresses: readonly string[]): GroupedRecipients {
   }
   return { byDomain, invalid };
 }
+
+/** The addresses by destination domain, in first-seen order, then the unparseable ones together. */
+export function domainGroups(addresses: readonly string[]): string[][] {
+  const { byDomain, invalid } = groupByDomain(addresses);
+  const groups = [...byDomain.values()].map((recipients) => recipients.map((r) => r.address));
+  if (invalid.length > 0) groups.push(invalid.map((r) => r.address));
+  return groups;
+}

@@ -282,13 +282,14 @@ export class DestinationPool implements SlotOwner {
       if (this.waiters.size > 0) this.dispatch();
       return;
     }
-    if (!connection.usable) {
-      this.afterReturn(this.pool.destroy(connection));
-    } else if (this.handOut(connection, now)) {
-      return;
-    } else {
-      this.toIdle(connection);
-    }
+    this.reuse(connection, now);
+  }
+
+  /** A connection back from a transaction (or a loan): closed when spent, else to the oldest waiting send, else idle. */
+  private reuse(connection: CountingConnection, now: number): void {
+    if (!connection.usable) this.afterReturn(this.pool.destroy(connection));
+    else if (this.handOut(connection, now)) return;
+    else this.toIdle(connection);
     if (this.waiters.size > 0) this.dispatch();
   }
 
@@ -483,14 +484,8 @@ export class DestinationPool implements SlotOwner {
   private giveBack(connection: CountingConnection, lender: SlotOwner, base: ConnectionWork): void {
     this.lentIn.delete(connection);
     if (this.lentIn.size === 0) this.allGivenBack?.();
-    const done = {
-      transactions: connection.transactions - base.transactions,
-      deliveries: connection.deliveries - base.deliveries,
-      recipients: connection.recipients - base.recipients,
-    };
-    this.totals.transactions += done.transactions;
-    this.totals.deliveries += done.deliveries;
-    this.totals.recipients += done.recipients;
+    const done = workSince(connection, base);
+    addWork(this.totals, done);
     lender.takeBack(connection, done);
   }
 
@@ -501,19 +496,12 @@ export class DestinationPool implements SlotOwner {
 
   /** Host slots: a connection this pool lent comes back; what it did elsewhere is not counted here. */
   takeBack(connection: CountingConnection, done: ConnectionWork): void {
-    const base = this.baselines.get(connection) ?? { transactions: 0, deliveries: 0, recipients: 0 };
-    this.baselines.set(connection, {
-      transactions: base.transactions + done.transactions,
-      deliveries: base.deliveries + done.deliveries,
-      recipients: base.recipients + done.recipients,
-    });
+    const base = this.baselines.get(connection);
+    if (base) addWork(base, done);
+    else this.baselines.set(connection, { ...done });
     connection.limits = this.policy.limits;
     if (connection.usable) connection.retireIfSpent();
-    const now = Date.now();
-    if (!connection.usable) this.afterReturn(this.pool.destroy(connection));
-    else if (this.handOut(connection, now)) return;
-    else this.toIdle(connection);
-    if (this.waiters.size > 0) this.dispatch();
+    this.reuse(connection, Date.now());
   }
 
   /** Host slots: true while the connection sits in this pool's idle list. */
@@ -556,11 +544,8 @@ export class DestinationPool implements SlotOwner {
   }
 
   /** Adds what a connection did while in this pool (since its baseline, when it was taken over) to `sum`. */
-  private countHere(sum: { transactions: number; deliveries: number; recipients: number }, connection: CountingConnection): void {
-    const base = this.baselines.get(connection);
-    sum.transactions += connection.transactions - (base?.transactions ?? 0);
-    sum.deliveries += connection.deliveries - (base?.deliveries ?? 0);
-    sum.recipients += connection.recipients - (base?.recipients ?? 0);
+  private countHere(sum: ConnectionWork, connection: CountingConnection): void {
+    addWork(sum, workSince(connection, this.baselines.get(connection)));
   }
 
   /** Lets go of a borrowed connection another pool takes over: its figures stay here, its socket stays open. */
@@ -798,15 +783,14 @@ export class DestinationPool implements SlotOwner {
       const adopted = takenOver(connection);
       if (adopted) {
         this.adopted++;
-        this.baselines.set(connection, { transactions: connection.transactions, deliveries: connection.deliveries, recipients: connection.recipients });
+        this.baselines.set(connection, workOf(connection));
       } else {
         this.totals.opened++;
       }
       this.live.add(connection);
       this.gate.connected(connection);
-      // A connection taken over holds its own pool's lease already.
-      if (adopted) lease?.release();
-      else lease?.holdFor(connection);
+      // With coordination no connection changes pools (its reuse key holds the domain): nothing adopted holds a lease.
+      lease?.holdFor(connection);
       return connection;
     } catch (err) {
       lease?.release();
@@ -863,6 +847,22 @@ export class DestinationPool implements SlotOwner {
 
 function workOf(connection: CountingConnection): ConnectionWork {
   return { transactions: connection.transactions, deliveries: connection.deliveries, recipients: connection.recipients };
+}
+
+/** What a connection did since `base` (its figures when it came to this pool; none: all of it). */
+function workSince(connection: CountingConnection, base: ConnectionWork | undefined): ConnectionWork {
+  if (!base) return workOf(connection);
+  return {
+    transactions: connection.transactions - base.transactions,
+    deliveries: connection.deliveries - base.deliveries,
+    recipients: connection.recipients - base.recipients,
+  };
+}
+
+function addWork(into: ConnectionWork, work: ConnectionWork): void {
+  into.transactions += work.transactions;
+  into.deliveries += work.deliveries;
+  into.recipients += work.recipients;
 }
 
 /** Figures of pools already dropped, so stats() covers the transport's whole life. */

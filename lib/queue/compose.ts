@@ -9,7 +9,7 @@ import type MailMessage from 'nodemailer/lib/mailer/mail-message';
 import { BindingPoolError, describeError } from '../errors';
 import { rawBytes, rawMessageId, readMessage } from '../message/bytes';
 import { ConcurrencyLimit, MAX_CONCURRENT_READS } from '../message/concurrency';
-import { assertCleanAddressFields, assertNoInjection, groupByDomain } from '../message/recipients';
+import { assertCleanAddressFields, assertNoInjection, domainGroups } from '../message/recipients';
 import type { BindingChoice } from '../policy/options';
 import type { MailRecord } from './record';
 
@@ -38,7 +38,7 @@ const builder: Transport<SentMessageInfo> = {
   version: '1',
   send(mail: MailMessage<SentMessageInfo>, callback: (err: Error | null, info: Built) => void): void {
     const envelope = mail.message.getEnvelope() as Built['envelope'];
-    const raw = mail.data.raw !== undefined ? rawBytes(mail.message) : undefined;
+    const raw = rawBytes(mail.message);
     const reading = raw ? Promise.resolve([raw]) : reads.run(() => readMessage(mail.message));
     reading.then(
       (chunks) => {
@@ -76,8 +76,7 @@ export async function compose(mail: SendMailOptions & BindingChoice, times: Queu
   }
   const from = info.envelope.from;
   if (typeof from === 'string') assertNoInjection(from, 'sender');
-  const { byDomain, invalid } = groupByDomain(info.envelope.to);
-  const addresses = [...[...byDomain.values()].flat().map((r) => r.address), ...invalid.map((r) => r.address)];
+  const addresses = domainGroups(info.envelope.to).flat();
   if (addresses.length === 0) throw new BindingPoolError('ENORECIPIENTS', 'the message has no recipients; nothing was queued');
   const { bytes } = info;
   if (bytes.length > maxMessageSize)

@@ -9,6 +9,7 @@ import { ConfigError, describeError } from '../errors';
 import { closeClient, connect, loadBullmq, reportError, type QueueConnection, type QueueRedis } from './redis';
 import { jobOutcome, toOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
+import { DEFAULT_PREFIX } from './options';
 
 export interface MailQueueEventsOptions {
   connection: QueueConnection;
@@ -39,7 +40,7 @@ export class MailQueueEvents extends EventEmitter<MailQueueEventsMap> {
     super();
     if (typeof options !== 'object' || options === null || options.connection === undefined) throw new ConfigError('connection', 'is required');
     const { Queue, QueueEvents } = loadBullmq();
-    const prefix = options.prefix ?? 'bull';
+    const prefix = options.prefix ?? DEFAULT_PREFIX;
     ({ redis: this.client, owned: this.ownsClient } = connect(options.connection, 'producer'));
     // BullMQ wants a blocking connection to wait through Redis's absence (maxRetriesPerRequest null).
     this.blocking = this.client.duplicate({ maxRetriesPerRequest: null });

@@ -9,7 +9,7 @@ import type { Job, JobsOptions, Queue } from 'bullmq';
 import type { BindingChoice } from '../policy/options';
 import { ConfigError } from '../errors';
 import { compose } from './compose';
-import { checkQueueOptions, type CheckedQueueOptions, type MailQueueOptions } from './options';
+import { checkQueueOptions, DEFAULT_PREFIX, type CheckedQueueOptions, type MailQueueOptions } from './options';
 import { closeClient, connect, loadBullmq, MessageStore, reportError, type QueueRedis } from './redis';
 import { jobOutcome, type MailOutcome } from './outcome';
 import type { MailRecord } from './record';
@@ -57,7 +57,7 @@ export class MailQueue extends EventEmitter<{ error: [err: Error] }> {
     this.options = checkQueueOptions(options);
     const { Queue } = loadBullmq();
     ({ redis: this.redis, owned: this.ownsRedis } = connect(options.connection, 'producer'));
-    const prefix = options.prefix ?? 'bull';
+    const prefix = options.prefix ?? DEFAULT_PREFIX;
     this.queue = new Queue<MailRecord>(name, { connection: this.redis as never, prefix });
     this.queue.on('error', (err) => reportError(this, err));
     this.store = new MessageStore(this.redis, `${prefix}:${name}:`);

@@ -17,9 +17,9 @@ import { BindingPoolTransport, type BindingPoolSentMessageInfo } from '../transp
 import type { BindingPoolOptions } from '../policy/options';
 import type { DomainResult } from '../delivery/deliver';
 import { describeError } from '../errors';
-import { checkWorkerOptions, type CheckedWorkerOptions, type MailWorkerOptions } from './options';
+import { checkWorkerOptions, DEFAULT_PREFIX, type CheckedWorkerOptions, type MailWorkerOptions } from './options';
 import { closeClient, connect, loadBullmq, MessageStore, reportError, type BullMq, type QueueRedis } from './redis';
-import { groupByDomain } from '../message/recipients';
+import { domainGroups } from '../message/recipients';
 import {
   applyAttempt,
   dueRecipients,
@@ -72,7 +72,7 @@ export class MailWorker extends EventEmitter<MailWorkerEvents> {
     this.bullmq = loadBullmq();
     ({ sender: this.sender, owned: this.ownTransport } = senderFor(settings.transport));
     ({ redis: this.redis, owned: this.ownsRedis } = connect(settings.connection, 'worker'));
-    const prefix = settings.prefix ?? 'bull';
+    const prefix = settings.prefix ?? DEFAULT_PREFIX;
     this.store = new MessageStore(this.redis, `${prefix}:${name}:`);
     const { concurrency, lockDuration, stalledInterval, maxStalledCount } = this.options;
     this.worker = new this.bullmq.Worker<MailRecord, MailRecord>(name, (job, token) => this.process(job, token), {
@@ -272,14 +272,6 @@ function senderFor(transport: MailWorkerOptions['transport']): { sender: Sender;
   if (typeof (transport as Sender).sendMail === 'function') return { sender: transport as Sender };
   const owned = new BindingPoolTransport(transport as BindingPoolOptions);
   return { sender: nodemailer.createTransport(owned), owned };
-}
-
-/** The addresses by destination domain (unparseable ones together): one send each. */
-function domainGroups(addresses: readonly string[]): string[][] {
-  const { byDomain, invalid } = groupByDomain(addresses);
-  const groups = [...byDomain.values()].map((recipients) => recipients.map((r) => r.address));
-  if (invalid.length > 0) groups.push(invalid.map((r) => r.address));
-  return groups;
 }
 
 /** The same pending outcome for each address: nothing reached a server. */

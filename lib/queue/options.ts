@@ -14,6 +14,8 @@ import type { FinalFailure } from './outcome';
 export type Duration = number | string;
 
 /** Like an MTA's: Postfix's minimal_backoff_time and maximal_backoff_time are 5 min and 4 h; the first retry comes sooner because greylisting asks for a few minutes. */
+/** BullMQ's own default key prefix. */
+export const DEFAULT_PREFIX = 'bull';
 export const DEFAULT_RETRY_SCHEDULE: readonly string[] = ['1min', '5min', '15min', '1h', '4h'];
 /** Postfix's maximal_queue_lifetime. */
 export const DEFAULT_MAX_AGE = '5d';
@@ -25,7 +27,7 @@ export const DEFAULT_CONCURRENCY = 50;
 interface CommonOptions {
   /** Where Redis is: a URL, an ioredis client, or ioredis options. */
   connection: QueueConnection;
-  /** BullMQ's key prefix. Default 'bull'. */
+  /** BullMQ's key prefix. Default 'bull' (DEFAULT_PREFIX). */
   prefix?: string;
 }
 

@@ -47,13 +47,10 @@ interface PairDial {
   hopDials: WeakMap<Hop, HopDial>;
 }
 
-/** What every dial of a pair to one hop asks with. */
+/** What every dial of a pair to one hop asks with (a pair's connector serves one pool, with one DialRequest). */
 interface HopDial {
   target: ConnectionTarget;
-  reuseKey: string;
-  /** The host slot request, for the pool's (constant) DialRequest it was built with. */
   slotRequest: SlotRequest;
-  request: DialRequest;
 }
 
 /** Why one host of a dial gave no connection; `waitMs` when only a lease across processes or room in the connection rates was missing. */
@@ -73,6 +70,9 @@ export type RouteDecision =
   { kind: 'hops'; hops: Hop[] } | { kind: 'reject'; responseCode: number; response: string } | { kind: 'defer'; responseCode: number; response: string };
 
 export class Router {
+  /** Each pool's dials, by its resolved options (the pair policy's object): what decide() shares with them. */
+  private readonly pairs = new WeakMap<ResolvedOptions, PairDial>();
+
   constructor(
     private readonly mx: MxResolver,
     private readonly slots: HostSlots,
@@ -80,7 +80,10 @@ export class Router {
     private readonly leases?: ClusterLeases,
   ) {}
 
+  /** Where the pair's recipients go: the decision its pool's dials use (kept per MX answer), when it has a pool. */
   async decide(binding: Binding, domain: string, options: ResolvedOptions): Promise<RouteDecision> {
+    const pair = this.pairs.get(options);
+    if (pair && pair.binding === binding && pair.domain === domain) return this.pairDecision(pair);
     if (options.route) return { kind: 'hops', hops: [routeHop(options)] };
     return mxDecision(await this.mx.lookup(domain), binding, domain, options);
   }
@@ -113,6 +116,7 @@ export class Router {
       mxDecisions: new WeakMap(),
       hopDials: new WeakMap(),
     };
+    this.pairs.set(options, pair);
     return async (request) => {
       const decision = await this.pairDecision(pair);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
@@ -143,7 +147,8 @@ export class Router {
   private async tryHop(pair: PairDial, hop: Hop, request: DialRequest): Promise<CountingConnection | HopFailure> {
     const { binding, options, limits } = pair;
     const host = this.slots.host(binding.name, hop.host, hop.port);
-    const { target, reuseKey, slotRequest } = this.hopDial(pair, hop, request);
+    const { target, slotRequest } = this.hopDial(pair, hop, request);
+    const { reuseKey } = slotRequest;
     const { slot, adopted } = await host.take(slotRequest);
     if (adopted) {
       // Another pool's open connection to this host, with this pool's limits from now on.
@@ -192,7 +197,7 @@ export class Router {
   /** What the pair's dials to `hop` ask with, built on the first (see PairDial.hopDials). */
   private hopDial(pair: PairDial, hop: Hop, request: DialRequest): HopDial {
     const cached = pair.hopDials.get(hop);
-    if (cached && cached.request === request) return cached;
+    if (cached) return cached;
     const { binding, domain, options, limits } = pair;
     const target: ConnectionTarget = {
       ...hop,
@@ -205,7 +210,7 @@ export class Router {
     // With coordination a connection's pair lease is its pool's: no other pool takes it over.
     const reuseKey = reuseKeyOf(target, hop.plainTextRetry) + (this.leases ? `\0${domain}` : '');
     const slotRequest: SlotRequest = { ...request, cap: options.maxHostConnections, reuseKey, limits };
-    const dial = { target, reuseKey, slotRequest, request };
+    const dial = { target, slotRequest };
     pair.hopDials.set(hop, dial);
     return dial;
   }

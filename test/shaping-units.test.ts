@@ -2,11 +2,13 @@
  * The shaping rules on their own, with a clock the test moves: rate syntax, the rate bucket (never
  * more than N in any window, whatever the burst), warm-up plans, reply-rule triggers, and a pair's
  * policy (the strictest override wins, a learned per-connection limit needs two 421s with the same
- * k, never goes above the configured value, and relaxes after LEARNED_LIMIT_MS).
+ * k, never goes above the configured value, and relaxes after LEARNED_LIMIT_MS), and the scope
+ * resolution pairs without a domain stanza share.
  */
 import { ConfigError } from '../lib';
 import { LEARNED_LIMIT_MS, PairPolicy } from '../lib/policy/pair-policy';
 import { ScopeResolver } from '../lib/policy/scopes';
+import { SCOPED_OPTIONS } from '../lib/policy/options';
 import { compileRule, DEFAULT_REPLY_RULES, RuleBook, type ReplyRule } from '../lib/shaping/reply-rules';
 import { parseDuration, parseRate, RateBucket, type Rate } from '../lib/shaping/rate';
 import { Warmup } from '../lib/shaping/warmup';
@@ -292,5 +294,57 @@ describe("a pair's policy", () => {
     expect(policy.suspendedUntil(8_000)).toBeUndefined();
     expect(events).toEqual(['suspended c', 'resumed c']);
     policy.close();
+  });
+});
+
+describe('scope resolution shared by the pairs no stanza names', () => {
+  const build = () =>
+    new ScopeResolver({
+      maxDeliveriesPerConnection: 50,
+      domains: { 'c.test': { maxDeliveriesPerConnection: 7 } },
+      bindings: {
+        b1: { localAddress: '127.0.0.2', maxOutboundConnections: 3, domains: { 'a.test': { maxOutboundConnections: 1, maxMessageRate: '10/s' } } },
+        b2: { localAddress: '127.0.0.3' },
+      },
+      bindingGroups: { g: { bindings: ['b1', 'b2'], maxMessageRate: '100/s', domains: { 'b.test': { maxOutboundConnections: 2 } } } },
+    });
+
+  test("every domain without a stanza gets its binding's one frozen result; a stanza's domain its own", () => {
+    const scopes = build();
+    const b1 = scopes.binding('b1')!;
+    const b2 = scopes.binding('b2')!;
+    const plain = scopes.resolve(b1, 'x.test');
+    expect(scopes.resolve(b1, 'y.test')).toBe(plain);
+    expect(Object.isFrozen(plain)).toBe(true);
+    expect(() => {
+      (plain as { maxOutboundConnections: number }).maxOutboundConnections = 9;
+    }).toThrow(TypeError);
+    expect(scopes.resolve(b2, 'x.test')).not.toBe(plain);
+    // The shared result is what resolving the pair alone gives.
+    expect(plain).toEqual(build().resolve(build().binding('b1')!, 'x.test'));
+    const figures = (domain: string, binding = b1) => {
+      const { maxOutboundConnections, maxDeliveriesPerConnection } = scopes.resolve(binding, domain);
+      return [maxOutboundConnections, maxDeliveriesPerConnection];
+    };
+    expect([figures('x.test'), figures('a.test'), figures('b.test'), figures('c.test'), figures('x.test', b2), figures('b.test', b2)]).toEqual([
+      [3, 50],
+      [1, 50],
+      [2, 50],
+      [3, 7],
+      [SCOPED_OPTIONS.maxOutboundConnections.default, 50],
+      [2, 50],
+    ]);
+  });
+
+  test('declarations and reply rules are shared the same way, with the paths of the scopes that set them', () => {
+    const scopes = build();
+    const b1 = scopes.binding('b1')!;
+    const rate = (domain: string) => scopes.declaration(b1, domain, ['maxMessageRate', 'warmup'] as const);
+    expect(rate('x.test')).toBe(rate('y.test'));
+    expect(rate('x.test')).toEqual({ path: 'bindingGroups.g', name: 'maxMessageRate', value: '100/s' });
+    expect(rate('a.test')).toEqual({ path: 'bindings.b1.domains["a.test"]', name: 'maxMessageRate', value: '10/s' });
+    expect(scopes.declaration(b1, 'x.test', ['maxConnectionRate'] as const)).toBeUndefined();
+    expect(scopes.replyRulesFor(b1, 'x.test')).toBe(scopes.replyRulesFor(b1, 'y.test'));
+    expect(scopes.replyRulesFor(b1, 'x.test')).toHaveLength(DEFAULT_REPLY_RULES.length);
   });
 });

@@ -202,12 +202,12 @@ export class LocalEngine extends EventEmitter implements Engine {
   ): Promise<DomainResult> {
     // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
     const pool = this.registry.get(binding.name, domain);
-    const { options } = pool.policy;
+    const { options, limits } = pool.policy;
     // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it.
     pool.enter();
     try {
       if (!options.route) {
-        const decision = await this.router.decide(binding, domain, options);
+        const decision = await this.router.decide(binding, domain, options, limits);
         if (decision.kind !== 'hops') {
           // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
           const result = emptyDomainResult(domain, binding.name);

@@ -51,6 +51,12 @@ export class ScopeResolver {
   private readonly bindings = new Map<string, Binding>();
   /** Next member index per group, for round-robin. */
   private readonly groupCursor = new Map<string, number>();
+  /**
+   * Results for pairs whose domain has a stanza in none of their scopes, per binding: the same
+   * for every such domain (every MX domain nobody configured), so each is worked out once per
+   * binding instead of at every pool's start. Frozen, since pairs share them.
+   */
+  private readonly unconfiguredPairs = new Map<string, unknown>();
 
   constructor(input: BindingPoolOptions) {
     this.options = checkOptions(input);
@@ -133,13 +139,15 @@ export class ScopeResolver {
 
   /** The value of every scoped option for a (binding, domain) pair; without a domain, no domain stanza applies. */
   resolve(binding: Binding, domain: string | undefined): ResolvedOptions {
-    const chain = this.chain(binding, domain);
-    const resolved: Record<string, unknown> = {};
-    for (const name of SCOPED_OPTION_NAMES) {
-      const scope = chain.find((s) => s?.[name] !== undefined);
-      resolved[name] = scope ? scope[name] : SCOPED_OPTIONS[name].default;
-    }
-    return resolved as ResolvedOptions;
+    return this.perBinding(binding, domain, 'options', () => {
+      const chain = this.chain(binding, domain);
+      const resolved: Record<string, unknown> = {};
+      for (const name of SCOPED_OPTION_NAMES) {
+        const scope = chain.find((s) => s?.[name] !== undefined);
+        resolved[name] = scope ? scope[name] : SCOPED_OPTIONS[name].default;
+      }
+      return Object.freeze(resolved as ResolvedOptions);
+    });
   }
 
   /** How many connections a message's sender may open to a domain: a binding's pool, or its group's pools together. */
@@ -193,21 +201,44 @@ export class ScopeResolver {
     domain: string,
     names: readonly N[],
   ): { path: string; name: N; value: NonNullable<ScopedOptions[N]> } | undefined {
-    for (const [scope, path] of this.scopesOf(binding, domain)) {
-      for (const name of names) if (scope?.[name] !== undefined) return { path, name, value: scope[name] as NonNullable<ScopedOptions[N]> };
-    }
-    return undefined;
+    return this.perBinding(binding, domain, `declaration\0${names.join()}`, () => {
+      for (const [scope, path] of this.scopesOf(binding, domain)) {
+        for (const name of names) if (scope?.[name] !== undefined) return Object.freeze({ path, name, value: scope[name] as NonNullable<ScopedOptions[N]> });
+      }
+      return undefined;
+    });
   }
 
   /** A pair's reply rules: every scope's `replyRules`, most specific first, then `defaultReplyRules`; each with its path. */
-  replyRulesFor(binding: Binding, domain: string): { rule: ReplyRule; path: string }[] {
-    const found: { rule: ReplyRule; path: string }[] = [];
-    for (const [scope, path] of this.scopesOf(binding, domain)) {
-      scope?.replyRules?.forEach((rule, i) => found.push({ rule, path: `${childPath(path, 'replyRules') || 'replyRules'}[${i}]` }));
-    }
-    const defaults = this.options.defaultReplyRules ?? DEFAULT_REPLY_RULES;
-    defaults.forEach((rule, i) => found.push({ rule, path: `defaultReplyRules[${i}]` }));
-    return found;
+  replyRulesFor(binding: Binding, domain: string): readonly { rule: ReplyRule; path: string }[] {
+    return this.perBinding(binding, domain, 'replyRules', () => {
+      const found: { rule: ReplyRule; path: string }[] = [];
+      for (const [scope, path] of this.scopesOf(binding, domain)) {
+        scope?.replyRules?.forEach((rule, i) => found.push({ rule, path: `${childPath(path, 'replyRules') || 'replyRules'}[${i}]` }));
+      }
+      const defaults = this.options.defaultReplyRules ?? DEFAULT_REPLY_RULES;
+      defaults.forEach((rule, i) => found.push({ rule, path: `defaultReplyRules[${i}]` }));
+      return Object.freeze(found);
+    });
+  }
+
+  /** `make()` for the pair, or for a domain no scope has a stanza for, the binding's shared result (see unconfiguredPairs). */
+  private perBinding<T>(binding: Binding, domain: string | undefined, what: string, make: () => T): T {
+    if (domain === undefined || this.hasStanza(binding, domain)) return make();
+    const key = `${binding.name}\0${what}`;
+    if (this.unconfiguredPairs.has(key)) return this.unconfiguredPairs.get(key) as T;
+    const made = make();
+    this.unconfiguredPairs.set(key, made);
+    return made;
+  }
+
+  private hasStanza(binding: Binding, domain: string): boolean {
+    const group = binding.group !== undefined ? this.options.bindingGroups[binding.group] : undefined;
+    return (
+      this.options.bindings[binding.name]?.domains?.[domain] !== undefined ||
+      group?.domains?.[domain] !== undefined ||
+      this.options.domains[domain] !== undefined
+    );
   }
 
   /** The scopes of a pair with their option paths ('' for the global scope), most specific first. */

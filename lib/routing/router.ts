@@ -36,12 +36,10 @@ interface PairDial {
   label: string;
   backoff: { first: number; max: number };
   /**
-   * The pair's route decision, built once: a route's never changes, an MX decision is kept per
-   * answer (a new answer comes when the resolver's cache entry expires). Each message's dial
-   * reuses it: with many domains on a shared host, every message dials and is handed another
-   * pool's connection (host-slots.ts), so a dial's cost is a message's.
+   * The pair's MX decisions, kept per answer (a new answer comes when the resolver's cache entry
+   * expires); a route's decision never changes and is kept by its options (Router.routeDecisions).
+   * Dials reuse them: a pair's dial cost adds to its messages' with many domains on a host.
    */
-  routeDecision?: RouteDecision;
   mxDecisions: WeakMap<MxAnswer, RouteDecision>;
   /** Per hop of a decision: the target and the slot request, which depend on nothing else. */
   hopDials: WeakMap<Hop, HopDial>;
@@ -70,8 +68,15 @@ export type RouteDecision =
   { kind: 'hops'; hops: Hop[] } | { kind: 'reject'; responseCode: number; response: string } | { kind: 'defer'; responseCode: number; response: string };
 
 export class Router {
-  /** Each pool's dials, by its resolved options (the pair policy's object): what decide() shares with them. */
-  private readonly pairs = new WeakMap<ResolvedOptions, PairDial>();
+  /** Each pool's dials, by its limits (the pair policy's own object): what decide() shares with them. */
+  private readonly pairs = new WeakMap<ConnectionLimits, PairDial>();
+  /**
+   * What dials to a hop from a binding connect with, by hop: the same for every pair whose hop it
+   * is (pairs that share resolved options share their route's hop, scopes.ts unconfiguredPairs).
+   */
+  private readonly hopTargets = new WeakMap<Hop, Map<string, { target: ConnectionTarget; reuseKey: string }>>();
+  /** A route's decision, by resolved options: pairs that share their options share it, and so its hop's targets. */
+  private readonly routeDecisions = new WeakMap<ResolvedOptions, RouteDecision>();
 
   constructor(
     private readonly mx: MxResolver,
@@ -81,20 +86,26 @@ export class Router {
   ) {}
 
   /** Where the pair's recipients go: the decision its pool's dials use (kept per MX answer), when it has a pool. */
-  async decide(binding: Binding, domain: string, options: ResolvedOptions): Promise<RouteDecision> {
-    const pair = this.pairs.get(options);
+  async decide(binding: Binding, domain: string, options: ResolvedOptions, limits: ConnectionLimits): Promise<RouteDecision> {
+    const pair = this.pairs.get(limits);
     if (pair && pair.binding === binding && pair.domain === domain) return this.pairDecision(pair);
-    if (options.route) return { kind: 'hops', hops: [routeHop(options)] };
+    if (options.route) return this.routeDecision(options);
     return mxDecision(await this.mx.lookup(domain), binding, domain, options);
   }
 
-  /** The pair's route decision for a dial: from its cache (see PairDial.routeDecision), else built. */
+  /** The pair's route decision for a dial: from a cache (see PairDial.mxDecisions), else built. */
   private async pairDecision(pair: PairDial): Promise<RouteDecision> {
     const { binding, domain, options } = pair;
-    if (options.route) return (pair.routeDecision ??= { kind: 'hops', hops: [routeHop(options)] });
+    if (options.route) return this.routeDecision(options);
     const answer = await this.mx.lookup(domain);
     let decision = pair.mxDecisions.get(answer);
     if (!decision) pair.mxDecisions.set(answer, (decision = mxDecision(answer, binding, domain, options)));
+    return decision;
+  }
+
+  private routeDecision(options: ResolvedOptions): RouteDecision {
+    let decision = this.routeDecisions.get(options);
+    if (!decision) this.routeDecisions.set(options, (decision = { kind: 'hops', hops: [routeHop(options)] }));
     return decision;
   }
 
@@ -116,7 +127,7 @@ export class Router {
       mxDecisions: new WeakMap(),
       hopDials: new WeakMap(),
     };
-    this.pairs.set(options, pair);
+    this.pairs.set(limits, pair);
     return async (request) => {
       const decision = await this.pairDecision(pair);
       if (decision.kind !== 'hops') throw new DialFailure(decision.response, 'unreachable');
@@ -198,21 +209,34 @@ export class Router {
   private hopDial(pair: PairDial, hop: Hop, request: DialRequest): HopDial {
     const cached = pair.hopDials.get(hop);
     if (cached) return cached;
-    const { binding, domain, options, limits } = pair;
-    const target: ConnectionTarget = {
-      ...hop,
-      localAddress: binding.localAddress,
-      ehloName: binding.ehloName,
-      connectionTimeout: options.connectionTimeout,
-      greetingTimeout: options.greetingTimeout,
-      socketTimeout: options.socketTimeout,
-    };
+    const { domain, options, limits } = pair;
+    const { target, reuseKey: sharedKey } = this.hopTarget(pair, hop);
     // With coordination a connection's pair lease is its pool's: no other pool takes it over.
-    const reuseKey = reuseKeyOf(target, hop.plainTextRetry) + (this.leases ? `\0${domain}` : '');
+    const reuseKey = sharedKey + (this.leases ? `\0${domain}` : '');
     const slotRequest: SlotRequest = { ...request, cap: options.maxHostConnections, reuseKey, limits };
     const dial = { target, slotRequest };
     pair.hopDials.set(hop, dial);
     return dial;
+  }
+
+  /** The target of a dial to `hop` from the pair's binding, and its reuse key: shared by every pair with that hop (see hopTargets). */
+  private hopTarget(pair: PairDial, hop: Hop): { target: ConnectionTarget; reuseKey: string } {
+    const { binding, options } = pair;
+    let byBinding = this.hopTargets.get(hop);
+    if (!byBinding) this.hopTargets.set(hop, (byBinding = new Map()));
+    let found = byBinding.get(binding.name);
+    if (!found) {
+      const target: ConnectionTarget = {
+        ...hop,
+        localAddress: binding.localAddress,
+        ehloName: binding.ehloName,
+        connectionTimeout: options.connectionTimeout,
+        greetingTimeout: options.greetingTimeout,
+        socketTimeout: options.socketTimeout,
+      };
+      byBinding.set(binding.name, (found = { target, reuseKey: reuseKeyOf(target, hop.plainTextRetry) }));
+    }
+    return found;
   }
 
   private dialOrder(binding: Binding, hops: Hop[]): Hop[] {

@@ -14,7 +14,7 @@ import { fork } from 'node:child_process';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 import nodemailer, { type Transport } from 'nodemailer';
-import { buildRawMessage, pump, sendFor } from './common';
+import { buildRawMessage, median, pump, sendFor } from './common';
 import { startSink } from './sink';
 
 interface TransportModule {
@@ -91,8 +91,6 @@ function runChild(dist: string, sends: number, transports: number): Promise<Figu
     proc.once('exit', (code) => (code === 0 ? undefined : reject(new Error(`child for ${dist} exited ${code}`))));
   });
 }
-
-const median = (values: number[]): number => [...values].sort((a, b) => a - b)[values.length >> 1];
 
 async function main(): Promise<void> {
   const { dists, runs, sends, transports } = parseArgs(process.argv.slice(2));

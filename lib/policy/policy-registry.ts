@@ -4,7 +4,7 @@
  * made on first use and kept while its pool lives or something is in force for it (a
  * suspension, a rule's options, a learned limit, a trigger still counting).
  */
-import { compileRule, RuleBook, type CompiledRule, type ReplyRule } from '../shaping/reply-rules';
+import { compileRule, RuleBook } from '../shaping/reply-rules';
 import { parseRate, RateBucket, type Bucket, type BucketStats, type Rate } from '../shaping/rate';
 import { ClusterRateBucket } from '../shaping/cluster-rate';
 import type { RedisStore } from '../coordination/redis-store';
@@ -26,8 +26,6 @@ export class PolicyRegistry {
   /** Policies whose pool was dropped while something was in force: looked at again at each drop. */
   private readonly unpooled = new Set<string>();
   private readonly buckets = new Map<string, { bucket: Bucket; kind: RateStats['kind']; warmup?: Warmup }>();
-  /** Compiled rule lists by the resolver's list: pairs that share one (scopes.ts unconfiguredPairs) share this too. */
-  private readonly compiledRules = new WeakMap<readonly { rule: ReplyRule; path: string }[], CompiledRule[]>();
 
   constructor(
     private readonly scopes: ScopeResolver,
@@ -42,9 +40,7 @@ export class PolicyRegistry {
     let policy = this.policies.get(key);
     this.unpooled.delete(key);
     if (!policy) {
-      const found = this.scopes.replyRulesFor(binding, domain);
-      let rules = this.compiledRules.get(found);
-      if (!rules) this.compiledRules.set(found, (rules = found.map(({ rule, path }) => compileRule(rule, path))));
+      const rules = this.scopes.replyRulesFor(binding, domain).map(({ rule, path }) => compileRule(rule, path));
       policy = new PairPolicy(
         binding.name,
         domain,

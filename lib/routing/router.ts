@@ -87,8 +87,9 @@ export class Router {
 
   /** Where the pair's recipients go: the decision its pool's dials use (kept per MX answer), when it has a pool. */
   async decide(binding: Binding, domain: string, options: ResolvedOptions, limits: ConnectionLimits): Promise<RouteDecision> {
+    // Keyed by the policy's own limits object: a pair found is this pair.
     const pair = this.pairs.get(limits);
-    if (pair && pair.binding === binding && pair.domain === domain) return this.pairDecision(pair);
+    if (pair) return this.pairDecision(pair);
     if (options.route) return this.routeDecision(options);
     return mxDecision(await this.mx.lookup(domain), binding, domain, options);
   }

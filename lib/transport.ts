@@ -68,7 +68,9 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
   private readonly inFlight = new Set<Promise<unknown>>();
   private readonly reads = new ConcurrencyLimit(MAX_CONCURRENT_READS);
   private readonly readAhead: ReadAheadBudget;
-  private readonly readAheadLimits = new Map<string, number>();
+  /** Each destination's read-ahead key, by binding or group name, then domain (the same object every send). */
+  private readonly readAheadKeyCache = { binding: new Map<string, Map<string, ReadAheadKey>>(), group: new Map<string, Map<string, ReadAheadKey>>() };
+  private cachedReadAheadKeys = 0;
   private readonly readAheadPerConnection: number;
   private closed = false;
   private closing: Promise<void> | undefined;
@@ -189,17 +191,28 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
 
   /** The destinations a message holds read-ahead room at: each (sender, domain), as many as its connections carry now and next. */
   private readAheadKeys(sender: SenderName, byDomain: Map<string, Recipient[]>): ReadAheadKey[] {
-    const name = 'binding' in sender ? `b\0${sender.binding}` : `g\0${sender.group}`;
+    const isBinding = 'binding' in sender;
+    const name = isBinding ? sender.binding : sender.group;
+    const cache = isBinding ? this.readAheadKeyCache.binding : this.readAheadKeyCache.group;
+    let byName = cache.get(name);
+    if (!byName) cache.set(name, (byName = new Map()));
     const keys: ReadAheadKey[] = [];
     for (const domain of byDomain.keys()) {
-      const key = `${name}\0${domain}`;
-      let limit = this.readAheadLimits.get(key);
-      if (limit === undefined) {
-        if (this.readAheadLimits.size >= MAX_CACHED_LIMITS) this.readAheadLimits.clear();
-        limit = this.readAheadPerConnection * this.scopes.connectionsTo(sender, domain);
-        this.readAheadLimits.set(key, limit);
+      let key = byName.get(domain);
+      if (key === undefined) {
+        if (this.cachedReadAheadKeys >= MAX_CACHED_LIMITS) {
+          this.readAheadKeyCache.binding.clear();
+          this.readAheadKeyCache.group.clear();
+          this.cachedReadAheadKeys = 0;
+          cache.set(name, byName);
+          byName.clear();
+        }
+        const limit = this.readAheadPerConnection * this.scopes.connectionsTo(sender, domain);
+        key = { key: `${isBinding ? 'b' : 'g'}\0${name}\0${domain}`, limit };
+        byName.set(domain, key);
+        this.cachedReadAheadKeys++;
       }
-      keys.push({ key, limit });
+      keys.push(key);
     }
     return keys;
   }

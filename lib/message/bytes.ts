@@ -95,6 +95,21 @@ const INSERT_LF = Buffer.from('\n');
 const INSERT_DOT = Buffer.from('.');
 const INSERT_LF_DOT = Buffer.from('\n.');
 
+/** What a message needs changed for the wire: a bare CR, a bare LF, a dot that starts a line. */
+const NOT_WIRE_FORM = /\r(?!\n)|(?:^|[^\r])\n|(?:^|\n)\./;
+/** Up to this size a message is checked for being in wire form already with one regular expression. */
+const QUICK_CHECK_BYTES = 64 * 1024;
+
+/**
+ * True for a small message that needs no change (CRLF line ends, no line starting with a dot,
+ * a final CRLF): most raw mail. One pass of a regular expression instead of a call per line.
+ */
+function inWireFormAlready(bytes: Buffer): boolean {
+  const n = bytes.length;
+  if (n < 2 || n > QUICK_CHECK_BYTES || bytes[n - 2] !== CR_BYTE || bytes[n - 1] !== LF_BYTE) return false;
+  return !NOT_WIRE_FORM.test(bytes.toString('latin1'));
+}
+
 /** A message's wire form, and its size as RFC 1870 counts it for SIZE= (CRLF line ends, no doubled dots). */
 export interface WireForm {
   wire: Buffer;
@@ -110,6 +125,7 @@ export interface WireForm {
  * comes back as it is. Only line ends are visited (Buffer#indexOf), not every byte.
  */
 export function toWireForm(chunks: readonly Buffer[]): WireForm {
+  if (chunks.length === 1 && inWireFormAlready(chunks[0])) return { wire: chunks[0], size: chunks[0].length };
   const parts: Buffer[] = [];
   let doubledDots = 0;
   // The byte before the chunk being read; undefined at the start of the message.

@@ -73,6 +73,7 @@ const LINE_BREAK_OR_NUL = /[\r\n\0]/;
 
 /** The fields of a message that name its sender or recipients, as the application passes them. */
 const ADDRESS_FIELDS = ['from', 'sender', 'replyTo', 'to', 'cc', 'bcc'] as const;
+const ENVELOPE_FIELDS = ['from', 'to', 'cc', 'bcc'] as const;
 
 /**
  * Throws EADDRESS when a sender or recipient field, as the application passed it, holds CR, LF
@@ -81,23 +82,34 @@ const ADDRESS_FIELDS = ['from', 'sender', 'replyTo', 'to', 'cc', 'bcc'] as const
  */
 export function assertCleanAddressFields(mail: object): void {
   const data = mail as Record<string, unknown>;
-  for (const field of ADDRESS_FIELDS) checkAddressValue(data[field], field);
+  for (const field of ADDRESS_FIELDS) assertClean(data[field], field);
   const envelope = data.envelope as Record<string, unknown> | undefined;
-  if (envelope && typeof envelope === 'object') for (const field of ['from', 'to', 'cc', 'bcc']) checkAddressValue(envelope[field], `envelope.${field}`);
+  if (envelope && typeof envelope === 'object') for (const field of ENVELOPE_FIELDS) assertClean(envelope[field], `envelope.${field}`);
 }
 
-function checkAddressValue(value: unknown, path: string): void {
-  if (typeof value === 'string') {
-    if (LINE_BREAK_OR_NUL.test(value)) {
-      throw new BindingPoolError('EADDRESS', `${path} ${JSON.stringify(value)} contains CR, LF or NUL; nothing of this message was sent`);
+function assertClean(value: unknown, path: string): void {
+  // The path of the offending part is spelled out only when there is one (every send is checked).
+  const dirty = dirtyPart(value);
+  if (dirty === undefined) return;
+  throw new BindingPoolError('EADDRESS', `${path}${dirty.path} ${JSON.stringify(dirty.value)} contains CR, LF or NUL; nothing of this message was sent`);
+}
+
+/** The first part of an address value holding CR, LF or NUL, with its path below the value ('' for the value itself). */
+function dirtyPart(value: unknown): { path: string; value: string } | undefined {
+  if (typeof value === 'string') return LINE_BREAK_OR_NUL.test(value) ? { path: '', value } : undefined;
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) {
+      const dirty = dirtyPart(value[i]);
+      if (dirty) return { path: `[${i}]${dirty.path}`, value: dirty.value };
     }
-  } else if (Array.isArray(value)) {
-    value.forEach((item, i) => checkAddressValue(item, `${path}[${i}]`));
-  } else if (value && typeof value === 'object') {
-    const { name, address } = value as { name?: unknown; address?: unknown };
-    checkAddressValue(name, `${path}.name`);
-    checkAddressValue(address, `${path}.address`);
+    return undefined;
   }
+  if (!value || typeof value !== 'object') return undefined;
+  const { name, address } = value as { name?: unknown; address?: unknown };
+  const dirty = dirtyPart(name);
+  if (dirty) return { path: `.name${dirty.path}`, value: dirty.value };
+  const dirtyAddress = dirtyPart(address);
+  return dirtyAddress && { path: `.address${dirtyAddress.path}`, value: dirtyAddress.value };
 }
 
 export interface GroupedRecipients {

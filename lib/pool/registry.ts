@@ -168,7 +168,11 @@ export class DestinationPool implements SlotOwner {
   private freshFailure: BindingPoolError | undefined;
   private lastHandout = 0;
   private wakeTimer: NodeJS.Timeout | undefined;
+  /** When the wake timer fires (epoch ms). */
+  private wakeDue = 0;
   private idleTimer: NodeJS.Timeout | undefined;
+  /** When a send or delivery last came or ended (epoch ms): idleTimeout counts from it. */
+  private lastActive = 0;
   /** Set once close() is called: why the pool's remaining connections are closed. */
   private closing: 'idle' | 'shutdown' | undefined;
   private readonly abort = new AbortController();
@@ -249,7 +253,7 @@ export class DestinationPool implements SlotOwner {
     if (this.closing) return Promise.reject(new BindingPoolError('ECLOSED', 'the transport is closing'));
     const now = Date.now();
     if (this.policy.suspendedUntil(now) !== undefined) return Promise.reject(this.suspendedError(now));
-    clearTimeout(this.idleTimer);
+    this.lastActive = now;
     return new Promise((resolve, reject) => {
       this.waiters.add({ since: now, wants, resolve, reject });
       this.dispatch();
@@ -599,9 +603,9 @@ export class DestinationPool implements SlotOwner {
 
   /** One timer for the pool: the oldest send's deadline, or the end of a pause or backoff sends wait for. */
   private armWakeTimer(now: number): void {
-    clearTimeout(this.wakeTimer);
-    this.wakeTimer = undefined;
     const oldest = this.waiters.values().next().value;
+    // No send waits: a timer still armed fires once to no effect (cheaper than clearing it on
+    // every message and arming it again on the next).
     if (!oldest) return;
     let due = Math.max(oldest.since, this.lastHandout) + this.policy.options.acquireTimeout;
     // A pause ends, or a backoff: what waits may go then (a pause holds idle connections back too).
@@ -618,8 +622,13 @@ export class DestinationPool implements SlotOwner {
     // waited out acquireTimeout next to an idle connection (1 demo run in ~25; cause not yet
     // found). Looking again each second bounds such a wait; the log line says when it helped.
     due = Math.min(due, now + RECHECK_MS);
+    // A timer due no later serves as well: it dispatches, and that arms the next.
+    if (this.wakeTimer !== undefined && this.wakeDue <= due) return;
+    clearTimeout(this.wakeTimer);
+    this.wakeDue = due;
     this.wakeTimer = setTimeout(
       () => {
+        this.wakeTimer = undefined;
         if (poolLog.enabled && this.pool.available > 0 && this.waiters.size > this.grants)
           poolLog('%s/%s: a waiting send found an idle connection on a recheck', this.binding, this.domain);
         this.dispatch();
@@ -709,7 +718,7 @@ export class DestinationPool implements SlotOwner {
   /** A delivery starts: the pool is not dropped as idle until it ends (`leave`). */
   enter(): void {
     this.deliveries++;
-    clearTimeout(this.idleTimer);
+    this.lastActive = Date.now();
   }
 
   leave(): void {
@@ -757,12 +766,26 @@ export class DestinationPool implements SlotOwner {
     await this.pool.clear();
   }
 
+  /**
+   * Drops the pool once it has been idle for idleTimeout. One timer at a time, armed when the
+   * pool goes idle and none is armed: a pool busy again meanwhile is looked at when it fires
+   * (arming and clearing a timer for each message cost more than the rest of its bookkeeping).
+   */
   private armIdleTimer(): void {
     if (this.closing || !this.idle) return;
-    clearTimeout(this.idleTimer);
+    this.lastActive = Date.now();
+    if (this.idleTimer === undefined) this.checkIdleIn(this.policy.options.idleTimeout);
+  }
+
+  private checkIdleIn(ms: number): void {
     this.idleTimer = setTimeout(() => {
-      if (this.idle) this.onIdle(this);
-    }, this.policy.options.idleTimeout).unref();
+      this.idleTimer = undefined;
+      // Busy now: it arms the timer again when it goes idle.
+      if (this.closing || !this.idle) return;
+      const left = this.lastActive + this.policy.options.idleTimeout - Date.now();
+      if (left > 0) this.checkIdleIn(left);
+      else this.onIdle(this);
+    }, ms).unref();
   }
 
   private async create(): Promise<PoolEntry> {

@@ -82,6 +82,17 @@ interface SmtpError extends Error {
   responseCode?: number;
 }
 
+/** The envelope object of one transaction, on which SMTPConnection records the RCPT replies. */
+type TransactionState = SMTPConnection.Envelope & EnvelopeRecord & Pick<TransactionEnvelope, 'requireTLSExtensionEnabled'>;
+
+/** What a transaction left to judge it by. */
+interface EndedTransaction {
+  rcpts: readonly string[];
+  state: TransactionState;
+  lmtpReplies: readonly LmtpReply[];
+  info: SMTPConnection.SentMessageInfo | undefined;
+}
+
 let nextConnectionId = 1;
 
 const NO_REFUSALS: readonly string[] = [];
@@ -210,19 +221,24 @@ export class CountingConnection {
    * rejects. Recipients the server cannot take (SIZE, SMTPUTF8) are refused here, before MAIL
    * FROM. Retires the connection when it reached a limit or broke.
    */
-  async send(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
+  send(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
     if (rcpts.length === 0 || rcpts.length > this.capacity()) {
-      throw new RangeError(`${this.id}: ${rcpts.length} recipients offered, room for ${this.capacity()}`);
+      return Promise.reject(new RangeError(`${this.id}: ${rcpts.length} recipients offered, room for ${this.capacity()}`));
     }
     const { refused, sendable } = refuseLocally(this.smtp, envelope, rcpts, envelope.size ?? message.length);
-    if (sendable.length === 0) return refused;
-    const replies = await this.transaction(envelope, sendable, message);
-    if (refused.length === 0) return replies;
-    const byRcpt = new Map([...refused, ...replies].map((reply) => [reply.rcpt, reply]));
-    return rcpts.map((rcpt) => byRcpt.get(rcpt)!);
+    if (sendable.length === 0) return Promise.resolve(refused);
+    if (refused.length === 0) return this.transaction(envelope, sendable, message);
+    return this.transaction(envelope, sendable, message).then((replies) => {
+      const byRcpt = new Map([...refused, ...replies].map((reply) => [reply.rcpt, reply]));
+      return rcpts.map((rcpt) => byRcpt.get(rcpt)!);
+    });
   }
 
-  private async transaction(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
+  /**
+   * One transaction on the wire. Not an async function: a clean transaction settles in
+   * SMTPConnection's callback, and only a failed one takes the slower path (failedTransaction).
+   */
+  private transaction(envelope: TransactionEnvelope, rcpts: readonly string[], message: Buffer): Promise<RecipientReply[]> {
     this.transactions++;
     // Counted before sending, so a limit holds even when the replies never come; corrected below
     // for RCPTs that never went out (a refused MAIL FROM without PIPELINING).
@@ -232,7 +248,7 @@ export class CountingConnection {
     // A plain literal of five fields, not a spread: SMTPConnection adds its own fields to this
     // object, and a spread copy, or a sixth field, made each message about 30 µs slower here
     // (one connection, raw messages, process.cpuUsage()). REQUIRETLS is added only when asked.
-    const state: SMTPConnection.Envelope & EnvelopeRecord & Pick<TransactionEnvelope, 'requireTLSExtensionEnabled'> = {
+    const state: TransactionState = {
       from: envelope.from,
       size: envelope.size,
       dsn: envelope.dsn,
@@ -242,17 +258,38 @@ export class CountingConnection {
     if (envelope.requireTLSExtensionEnabled) state.requireTLSExtensionEnabled = true;
     const lmtpReplies: LmtpReply[] = [];
     this.lmtpSink?.(lmtpReplies);
-    const { err, info } = await new Promise<{ err: SmtpError | null; info?: SMTPConnection.SentMessageInfo }>((resolve) =>
-      this.smtp.send(state, handover as unknown as Readable, (err, info) => resolve({ err: err as SmtpError | null, info })),
-    );
-    this.lmtpSink?.(undefined);
-    this.rcptsReadBy = handover.startedAt ?? Date.now();
-    this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
+    return new Promise((resolve, reject) => {
+      this.smtp.send(state, handover as unknown as Readable, (err, info) => {
+        this.lmtpSink?.(undefined);
+        this.rcptsReadBy = handover.startedAt ?? Date.now();
+        this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
+        // Nothing thrown here may reach SMTPConnection, whose callback this is.
+        try {
+          if (err) resolve(this.failedTransaction(err as SmtpError, { rcpts, state, lmtpReplies, info }, handover));
+          else resolve(this.settle({ rcpts, state, lmtpReplies, info }, undefined, 'sent'));
+        } catch (thrown) {
+          reject(thrown as Error);
+        }
+      });
+    });
+  }
+
+  /** A transaction that ended without its final reply, or with a refusal: how far the message got decides. */
+  private async failedTransaction(err: SmtpError, ended: EndedTransaction, handover: MessageHandover): Promise<RecipientReply[]> {
     // A reset proves the dot unread only where no LMTP reply could have gone unrecorded.
-    const failure = err ? failureOf(err, !this.target.lmtp || this.lmtpSink !== undefined) : undefined;
-    if (failure) handover.abort();
-    // Only a failure asks how far the message got (it waits for the socket to say).
-    const progress = failure ? await handover.progress() : 'sent';
+    const failure = failureOf(err, !this.target.lmtp || this.lmtpSink !== undefined);
+    handover.abort();
+    // It waits for the socket to say whether the final dot left.
+    const progress = await handover.progress();
+    const replies = this.settle(ended, failure, progress, err);
+    // The session is alive: RSET before it carries another transaction.
+    if (this.usable) await this.resetSession();
+    return replies;
+  }
+
+  /** The verdicts of an ended transaction, counted on the connection; retires it when it broke or is spent. */
+  private settle(ended: EndedTransaction, failure: TransactionFailure | undefined, progress: MessageProgress, err?: SmtpError): RecipientReply[] {
+    const { rcpts, state, lmtpReplies, info } = ended;
     // Built only when there is something in them: the common transaction has neither.
     const facts = {
       rcpts,
@@ -266,7 +303,7 @@ export class CountingConnection {
       message: progress,
     };
     const replies = decideVerdicts(facts);
-    this.refusals = err || facts.rcptRefused.size > 0 || facts.lmtpReplies.size > 0 ? serverRefusals(facts) : NO_REFUSALS;
+    this.refusals = failure || facts.rcptRefused.size > 0 || facts.lmtpReplies.size > 0 ? serverRefusals(facts) : NO_REFUSALS;
     let delivered = 0;
     for (const reply of replies) if (reply.verdict === 'delivered') delivered++;
     this.deliveries += delivered;
@@ -274,8 +311,6 @@ export class CountingConnection {
       connectionLog('%s transaction %d: %d rcpt, %d delivered%s', this.id, this.transactions, rcpts.length, delivered, err ? ` (${err.message})` : '');
     if (failure) this.retireAfter(failure, progress);
     this.retireIfSpent();
-    // The transaction failed but the session is alive: RSET before it carries another.
-    if (err && this.usable) await this.resetSession();
     return replies;
   }
 

@@ -5,7 +5,7 @@
  * Every recipient ends with exactly one outcome; one the server may have taken is never resent.
  */
 import { describeError, type BindingPoolError } from '../errors';
-import { describeTarget, type TransactionEnvelope } from '../smtp/connection';
+import type { TransactionEnvelope } from '../smtp/connection';
 import type { DestinationPool } from '../pool/registry';
 import type { Recipient } from '../message/recipients';
 import type { RecipientReply } from '../smtp/verdicts';
@@ -140,7 +140,7 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
         job.pool.release(connection);
         continue;
       }
-      const host = describeTarget(connection.target);
+      const host = connection.targetName;
       hosts.add(host);
       if (!connections.has(connection.id)) connections.set(connection.id, { id: connection.id, host, encrypted: connection.encrypted });
       let replies;

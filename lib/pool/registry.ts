@@ -29,7 +29,7 @@
  */
 import { createPool, type Pool } from 'generic-pool';
 import { BindingPoolError, describeError } from '../errors';
-import { describeTarget, type CountingConnection, type RetireReason } from '../smtp/connection';
+import type { CountingConnection, RetireReason } from '../smtp/connection';
 import { DialGate } from './dial-gate';
 import { DialFailure, IdleConnections, offerIdle, SlotCancelled, takenOver, type ConnectionWork, type SlotOwner } from './host-slots';
 import type { PairPolicy } from '../policy/pair-policy';
@@ -854,7 +854,7 @@ export class DestinationPool implements SlotOwner {
       id: entry.id,
       binding: this.binding,
       domain: this.domain,
-      host: describeTarget(entry.target),
+      host: entry.targetName,
       localAddress: entry.target.localAddress,
       encrypted: entry.encrypted,
       transactions: entry.transactions,
@@ -899,7 +899,9 @@ export interface DroppedPoolTotals {
 }
 
 export class PoolRegistry {
-  private readonly pools = new Map<string, DestinationPool>();
+  /** By binding, then domain: no key string is built per message. */
+  private readonly pools = new Map<string, Map<string, DestinationPool>>();
+  private count = 0;
   private readonly dropped: DroppedPoolTotals = { pools: 0, opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 };
   private readonly closingPools = new Set<Promise<void>>();
 
@@ -912,45 +914,54 @@ export class PoolRegistry {
 
   /** The pool for a (binding, domain) pair, created on first use. */
   get(binding: string, domain: string): DestinationPool {
-    const key = `${binding}\0${domain}`;
-    let pool = this.pools.get(key);
+    let byDomain = this.pools.get(binding);
+    if (!byDomain) this.pools.set(binding, (byDomain = new Map()));
+    let pool = byDomain.get(domain);
     if (!pool) {
-      pool = new DestinationPool(binding, domain, this.specFor(binding, domain), this.onConnectionClosed, (idle) => this.drop(key, idle, 'idle'));
-      this.pools.set(key, pool);
-      poolLog('pool %s/%s created (%d pools)', binding, domain, this.pools.size);
+      pool = new DestinationPool(binding, domain, this.specFor(binding, domain), this.onConnectionClosed, (idle) => this.drop(idle, 'idle'));
+      byDomain.set(domain, pool);
+      this.count++;
+      poolLog('pool %s/%s created (%d pools)', binding, domain, this.count);
     }
     return pool;
   }
 
   get size(): number {
-    return this.pools.size;
+    return this.count;
   }
 
   /** Every pool with sends waiting looks again (rate room arrived from the cluster). */
   wakeWaiting(): void {
-    for (const pool of this.pools.values()) pool.wake();
+    for (const pool of this.all()) pool.wake();
   }
 
   /** False while the pair's pool is backing off after failed connects; a pair without a pool is healthy. */
   healthy(binding: string, domain: string): boolean {
-    return this.pools.get(`${binding}\0${domain}`)?.healthy ?? true;
+    return this.pools.get(binding)?.get(domain)?.healthy ?? true;
   }
 
   stats(): { pools: PoolStats[]; droppedPools: DroppedPoolTotals } {
-    return { pools: [...this.pools.values()].map((pool) => pool.stats()), droppedPools: { ...this.dropped } };
+    return { pools: [...this.all()].map((pool) => pool.stats()), droppedPools: { ...this.dropped } };
   }
 
   /** Closes every pool; resolves when every connection is closed. */
   async close(): Promise<void> {
-    for (const [key, pool] of this.pools) this.drop(key, pool, 'shutdown');
+    for (const pool of [...this.all()]) this.drop(pool, 'shutdown');
     await Promise.all(this.closingPools);
   }
 
+  private *all(): IterableIterator<DestinationPool> {
+    for (const byDomain of this.pools.values()) yield* byDomain.values();
+  }
+
   /** Closes a pool and moves its figures into the dropped totals. */
-  private drop(key: string, pool: DestinationPool, reason: 'idle' | 'shutdown'): void {
-    if (this.pools.get(key) !== pool) return;
-    this.pools.delete(key);
-    poolLog('pool %s/%s dropped: %s (%d pools left)', pool.binding, pool.domain, reason, this.pools.size);
+  private drop(pool: DestinationPool, reason: 'idle' | 'shutdown'): void {
+    const byDomain = this.pools.get(pool.binding);
+    if (byDomain?.get(pool.domain) !== pool) return;
+    byDomain.delete(pool.domain);
+    if (byDomain.size === 0) this.pools.delete(pool.binding);
+    this.count--;
+    poolLog('pool %s/%s dropped: %s (%d pools left)', pool.binding, pool.domain, reason, this.count);
     const closing = pool.close(reason).then(() => {
       const figures = pool.stats();
       this.dropped.pools++;

@@ -105,6 +105,8 @@ export class CountingConnection {
   /** When it was opened (epoch ms). */
   readonly openedAt = Date.now();
   readonly target: ConnectionTarget;
+  /** The target as results name it (describeTarget), made once: every transaction reports it. */
+  readonly targetName: string;
   /** The limits of the pool that holds it (a pool that takes it over from another sets its own). */
   limits: ConnectionLimits;
   deliveries = 0;
@@ -129,6 +131,7 @@ export class CountingConnection {
   private constructor(label: string, target: ConnectionTarget, limits: ConnectionLimits) {
     this.id = `${label}#${nextConnectionId++}`;
     this.target = target;
+    this.targetName = describeTarget(target);
     this.limits = limits;
     this.smtp = new SMTPConnection({
       host: target.host,

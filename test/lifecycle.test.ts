@@ -50,6 +50,21 @@ describe('idle pools', () => {
     await transporter.close();
     await server.stop();
   });
+  test('idleTimeout counts from the last send: a pool used again meanwhile stays, then goes', async () => {
+    const server = await RecordingServer.start();
+    const { pool, transporter } = makeTransport({ route: routeTo(server), idleTimeout: 600 });
+    await transporter.sendMail(mail(['a@again.test']));
+    await new Promise((r) => setTimeout(r, 400));
+    await transporter.sendMail(mail(['b@again.test']));
+    // 800 ms after the first send, 400 after the second: not idle for idleTimeout yet.
+    await new Promise((r) => setTimeout(r, 400));
+    expect(pool.stats().pools).toHaveLength(1);
+    await eventually(() => expect(pool.stats().pools).toHaveLength(0));
+    expect(pool.stats().droppedPools).toMatchObject({ pools: 1, deliveries: 2 });
+    expect(server.deliveredRecipients()).toEqual(['a@again.test', 'b@again.test']);
+    await transporter.close();
+    await server.stop();
+  });
 });
 
 describe('process exit', () => {

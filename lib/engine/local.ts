@@ -12,7 +12,7 @@ import { BindingPoolError, describeError } from '../errors';
 import { HostSlots, type HostStats } from '../pool/host-slots';
 import { MxResolver } from '../routing/mx-resolver';
 import { DNS_OPTIONS, type BindingPoolOptions, type ResolvedOptions } from '../policy/options';
-import { PoolRegistry, type ConnectionSummary, type DialRequest, type DroppedPoolTotals, type PoolStats } from '../pool/registry';
+import { PoolRegistry, type ConnectionSummary, type DestinationPool, type DialRequest, type DroppedPoolTotals, type PoolStats } from '../pool/registry';
 import type { Recipient } from '../message/recipients';
 import { Router } from '../routing/router';
 import { PolicyRegistry, type RateStats } from '../policy/policy-registry';
@@ -193,32 +193,37 @@ export class LocalEngine extends EventEmitter implements Engine {
     else if (event.k !== undefined) policy.applyLearned(event.k, event.reply, event.until);
   }
 
-  private async deliverDomain(
+  private deliverDomain(binding: Binding, domain: string, recipients: Recipient[], envelope: TransactionEnvelope, message: Buffer): Promise<DomainResult> {
+    // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
+    const pool = this.registry.get(binding.name, domain);
+    // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it.
+    pool.enter();
+    const leave = (): void => pool.leave();
+    // A route needs no lookup: straight to the pool, without an async function's turns.
+    const delivering = pool.policy.options.route
+      ? deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients })
+      : this.deliverByMx(binding, domain, pool, recipients, envelope, message);
+    delivering.then(leave, leave);
+    return delivering;
+  }
+
+  private async deliverByMx(
     binding: Binding,
     domain: string,
+    pool: DestinationPool,
     recipients: Recipient[],
     envelope: TransactionEnvelope,
     message: Buffer,
   ): Promise<DomainResult> {
-    // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
-    const pool = this.registry.get(binding.name, domain);
     const { options, limits } = pool.policy;
-    // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it.
-    pool.enter();
-    try {
-      if (!options.route) {
-        const decision = await this.router.decide(binding, domain, options, limits);
-        if (decision.kind !== 'hops') {
-          // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
-          const result = emptyDomainResult(domain, binding.name);
-          const status = decision.kind === 'reject' ? 'rejected' : 'pending';
-          result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
-          return result;
-        }
-      }
-      return await deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients });
-    } finally {
-      pool.leave();
+    const decision = await this.router.decide(binding, domain, options, limits);
+    if (decision.kind !== 'hops') {
+      // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
+      const result = emptyDomainResult(domain, binding.name);
+      const status = decision.kind === 'reject' ? 'rejected' : 'pending';
+      result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
+      return result;
     }
+    return deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients });
   }
 }

@@ -95,8 +95,12 @@ const INSERT_LF = Buffer.from('\n');
 const INSERT_DOT = Buffer.from('.');
 const INSERT_LF_DOT = Buffer.from('\n.');
 
-/** What a message needs changed for the wire: a bare CR, a bare LF, a dot that starts a line. */
-const NOT_WIRE_FORM = /\r(?!\n)|(?:^|[^\r])\n|(?:^|\n)\./;
+/**
+ * A message that needs no change for the wire: lines that each end in CRLF, hold no other CR or
+ * LF, and do not start with a dot. One linear pass (the first character of a line decides its
+ * branch), faster than looking for each thing that would need a change.
+ */
+const IN_WIRE_FORM = /^(?:[^.\r\n][^\r\n]*\r\n|\r\n)*$/;
 /** Up to this size a message is checked for being in wire form already with one regular expression. */
 const QUICK_CHECK_BYTES = 64 * 1024;
 
@@ -107,7 +111,7 @@ const QUICK_CHECK_BYTES = 64 * 1024;
 function inWireFormAlready(bytes: Buffer): boolean {
   const n = bytes.length;
   if (n < 2 || n > QUICK_CHECK_BYTES || bytes[n - 2] !== CR_BYTE || bytes[n - 1] !== LF_BYTE) return false;
-  return !NOT_WIRE_FORM.test(bytes.toString('latin1'));
+  return IN_WIRE_FORM.test(bytes.toString('latin1'));
 }
 
 /** A message's wire form, and its size as RFC 1870 counts it for SIZE= (CRLF line ends, no doubled dots). */

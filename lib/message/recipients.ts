@@ -82,16 +82,21 @@ const ENVELOPE_FIELDS = ['from', 'to', 'cc', 'bcc'] as const;
  */
 export function assertCleanAddressFields(mail: object): void {
   const data = mail as Record<string, unknown>;
-  for (const field of ADDRESS_FIELDS) assertClean(data[field], field);
+  for (const field of ADDRESS_FIELDS) if (data[field] !== undefined) assertClean(data[field], field);
   const envelope = data.envelope as Record<string, unknown> | undefined;
-  if (envelope && typeof envelope === 'object') for (const field of ENVELOPE_FIELDS) assertClean(envelope[field], `envelope.${field}`);
+  if (envelope && typeof envelope === 'object') {
+    for (const field of ENVELOPE_FIELDS) if (envelope[field] !== undefined) assertClean(envelope[field], 'envelope.', field);
+  }
 }
 
-function assertClean(value: unknown, path: string): void {
-  // The path of the offending part is spelled out only when there is one (every send is checked).
-  const dirty = dirtyPart(value);
+/** `prefix` and `field` make the option path, joined only for the error (every send is checked). */
+function assertClean(value: unknown, prefix: string, field = ''): void {
+  const dirty = typeof value === 'string' ? (LINE_BREAK_OR_NUL.test(value) ? { path: '', value } : undefined) : dirtyPart(value);
   if (dirty === undefined) return;
-  throw new BindingPoolError('EADDRESS', `${path}${dirty.path} ${JSON.stringify(dirty.value)} contains CR, LF or NUL; nothing of this message was sent`);
+  throw new BindingPoolError(
+    'EADDRESS',
+    `${prefix}${field}${dirty.path} ${JSON.stringify(dirty.value)} contains CR, LF or NUL; nothing of this message was sent`,
+  );
 }
 
 /** The first part of an address value holding CR, LF or NUL, with its path below the value ('' for the value itself). */

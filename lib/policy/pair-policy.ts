@@ -127,7 +127,8 @@ export class PairPolicy {
 
   /** The end of a suspension in force (epoch ms), else undefined. */
   suspendedUntil(now: number): number | undefined {
-    this.refresh(now);
+    // Asked several times per message: the refresh only when something is due to end.
+    if (now >= this.nextExpiry) this.refresh(now);
     return this.suspension?.until;
   }
 
@@ -137,7 +138,7 @@ export class PairPolicy {
 
   /** Recipients every message bucket has room for now (Infinity without a rate). */
   messageRoom(now: number): number {
-    return room(this.messageBuckets(), now);
+    return this.messageList.length === 0 ? Infinity : room(this.messageList, now);
   }
 
   /** When the nth recipient from now could go (now if it can). */

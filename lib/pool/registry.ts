@@ -901,7 +901,8 @@ export interface DroppedPoolTotals {
 export class PoolRegistry {
   /** By binding, then domain: no key string is built per message. */
   private readonly pools = new Map<string, Map<string, DestinationPool>>();
-  private count = 0;
+  /** The same pools in the order they were made (stats() lists them so). */
+  private readonly ordered = new Set<DestinationPool>();
   private readonly dropped: DroppedPoolTotals = { pools: 0, opened: 0, connectFailures: 0, transactions: 0, deliveries: 0, recipients: 0 };
   private readonly closingPools = new Set<Promise<void>>();
 
@@ -914,25 +915,24 @@ export class PoolRegistry {
 
   /** The pool for a (binding, domain) pair, created on first use. */
   get(binding: string, domain: string): DestinationPool {
+    const found = this.pools.get(binding)?.get(domain);
+    if (found) return found;
+    const pool = new DestinationPool(binding, domain, this.specFor(binding, domain), this.onConnectionClosed, (idle) => this.drop(idle, 'idle'));
     let byDomain = this.pools.get(binding);
     if (!byDomain) this.pools.set(binding, (byDomain = new Map()));
-    let pool = byDomain.get(domain);
-    if (!pool) {
-      pool = new DestinationPool(binding, domain, this.specFor(binding, domain), this.onConnectionClosed, (idle) => this.drop(idle, 'idle'));
-      byDomain.set(domain, pool);
-      this.count++;
-      poolLog('pool %s/%s created (%d pools)', binding, domain, this.count);
-    }
+    byDomain.set(domain, pool);
+    this.ordered.add(pool);
+    poolLog('pool %s/%s created (%d pools)', binding, domain, this.ordered.size);
     return pool;
   }
 
   get size(): number {
-    return this.count;
+    return this.ordered.size;
   }
 
   /** Every pool with sends waiting looks again (rate room arrived from the cluster). */
   wakeWaiting(): void {
-    for (const pool of this.all()) pool.wake();
+    for (const pool of this.ordered) pool.wake();
   }
 
   /** False while the pair's pool is backing off after failed connects; a pair without a pool is healthy. */
@@ -941,17 +941,13 @@ export class PoolRegistry {
   }
 
   stats(): { pools: PoolStats[]; droppedPools: DroppedPoolTotals } {
-    return { pools: [...this.all()].map((pool) => pool.stats()), droppedPools: { ...this.dropped } };
+    return { pools: [...this.ordered].map((pool) => pool.stats()), droppedPools: { ...this.dropped } };
   }
 
   /** Closes every pool; resolves when every connection is closed. */
   async close(): Promise<void> {
-    for (const pool of [...this.all()]) this.drop(pool, 'shutdown');
+    for (const pool of [...this.ordered]) this.drop(pool, 'shutdown');
     await Promise.all(this.closingPools);
-  }
-
-  private *all(): IterableIterator<DestinationPool> {
-    for (const byDomain of this.pools.values()) yield* byDomain.values();
   }
 
   /** Closes a pool and moves its figures into the dropped totals. */
@@ -960,8 +956,8 @@ export class PoolRegistry {
     if (byDomain?.get(pool.domain) !== pool) return;
     byDomain.delete(pool.domain);
     if (byDomain.size === 0) this.pools.delete(pool.binding);
-    this.count--;
-    poolLog('pool %s/%s dropped: %s (%d pools left)', pool.binding, pool.domain, reason, this.count);
+    this.ordered.delete(pool);
+    poolLog('pool %s/%s dropped: %s (%d pools left)', pool.binding, pool.domain, reason, this.ordered.size);
     const closing = pool.close(reason).then(() => {
       const figures = pool.stats();
       this.dropped.pools++;

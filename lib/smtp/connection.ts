@@ -12,7 +12,18 @@ import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import SMTPConnection from 'nodemailer/lib/smtp-connection';
 import { connectionLog } from '../log';
 import type { ConnectionLimits, RouteAuth } from '../policy/options';
-import { MessageHandover, offers, peerOpen, rcptsSent, recordLmtpReplies, serverSizeLimit, socketOf, type EnvelopeRecord, type LmtpReply } from './internals';
+import {
+  MessageHandover,
+  offers,
+  PeerWatch,
+  peerOpen,
+  rcptsSent,
+  recordLmtpReplies,
+  serverSizeLimit,
+  socketOf,
+  type EnvelopeRecord,
+  type LmtpReply,
+} from './internals';
 import { decideVerdicts, serverRefusals, type MessageProgress, type RecipientReply, type ServerReply, type TransactionFailure } from './verdicts';
 
 export type { RecipientReply, RecipientVerdict } from './verdicts';
@@ -123,6 +134,8 @@ export class CountingConnection {
   /** The server's 4xx/5xx replies in the last transaction, each once, until read (what reply rules read). */
   private refusals: readonly string[] = NO_REFUSALS;
   private readonly smtp: SMTPConnection;
+  /** Set once the session is set up: how `usable` knows the peer is still there. */
+  private peer: PeerWatch | undefined;
   private ended = false;
   private readonly endWaiters: (() => void)[] = [];
   /** Where the LMTP replies of the transaction in flight are recorded (undefined: they cannot be). */
@@ -192,6 +205,8 @@ export class CountingConnection {
       connection.smtp.close();
       throw err;
     }
+    const socket = socketOf(connection.smtp);
+    if (socket) connection.peer = new PeerWatch(socket);
     connectionLog('%s open (%s)', connection.id, connection.encrypted ? 'TLS' : 'plain');
     return connection;
   }
@@ -202,7 +217,7 @@ export class CountingConnection {
 
   /** False once the connection was retired, or the peer closed or half-closed it. */
   get usable(): boolean {
-    return !this.ended && this.retireReason === undefined && peerOpen(this.smtp);
+    return !this.ended && this.retireReason === undefined && (this.peer ? this.peer.open : peerOpen(this.smtp));
   }
 
   /** How many recipients the next transaction may carry without passing a limit. */
@@ -246,7 +261,7 @@ export class CountingConnection {
     // Counted before sending, so a limit holds even when the replies never come; corrected below
     // for RCPTs that never went out (a refused MAIL FROM without PIPELINING).
     this.recipients += rcpts.length;
-    const handover = new MessageHandover(message, socketOf(this.smtp));
+    const handover = new MessageHandover(message, this.peer?.socket ?? socketOf(this.smtp));
     // A fresh object per transaction: SMTPConnection records the RCPT replies on it.
     // A plain literal of five fields, not a spread: SMTPConnection adds its own fields to this
     // object, and a spread copy, or a sixth field, made each message about 30 µs slower here
@@ -263,11 +278,11 @@ export class CountingConnection {
     this.lmtpSink?.(lmtpReplies);
     return new Promise((resolve, reject) => {
       this.smtp.send(state, handover as unknown as Readable, (err, info) => {
-        this.lmtpSink?.(undefined);
-        this.rcptsReadBy = handover.startedAt ?? Date.now();
-        this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
         // Nothing thrown here may reach SMTPConnection, whose callback this is.
         try {
+          this.lmtpSink?.(undefined);
+          this.rcptsReadBy = handover.startedAt ?? Date.now();
+          this.recipients -= rcpts.length - rcptsSent(state, rcpts.length);
           if (err) resolve(this.failedTransaction(err as SmtpError, { rcpts, state, lmtpReplies, info }, handover));
           else resolve(this.settle({ rcpts, state, lmtpReplies, info }, undefined, 'sent'));
         } catch (thrown) {

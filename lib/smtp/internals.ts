@@ -3,7 +3,8 @@
  * Everything here is read or hooked on one connection instance; nothing is patched globally.
  *
  * What is relied on (checked against nodemailer 10.6):
- * - `_socket`: the socket, to see whether the peer closed or half-closed it, and to learn when
+ * - `_socket`: the socket, to see whether the peer closed or half-closed it (once the session
+ *   is set up it stays the same socket: PeerWatch listens to it), and to learn when
  *   the final dot has left the process (a write queued behind it completes);
  * - `_supportedExtensions`: the EHLO keywords, for SMTPUTF8 (RFC 6531) and REQUIRETLS;
  * - `_maxAllowedSize`: the server's SIZE (RFC 1870), to refuse a larger message before MAIL FROM;
@@ -39,8 +40,31 @@ export function socketOf(smtp: SMTPConnection): Socket | undefined {
 
 /** True while both directions of the socket are open: a peer that closed or half-closed it gets no transaction. */
 export function peerOpen(smtp: SMTPConnection): boolean {
-  const socket = socketOf(smtp);
-  return socket !== undefined && !socket.destroyed && socket.writable && !socket.readableEnded;
+  const socket = internals(smtp)._socket;
+  return !!socket && !socket.destroyed && socket.writable && !socket.readableEnded;
+}
+
+/**
+ * peerOpen for a session that is set up (its socket is final: STARTTLS replaced it before),
+ * asked several times per message: what the peer did is learnt from the socket's own events,
+ * which come as `readableEnded` and `destroyed` turn true (prepended, so they are known before
+ * SMTPConnection reacts), and only `writable` is read (false too once this side ended or
+ * destroyed it), instead of three stream getters on every check.
+ */
+export class PeerWatch {
+  private gone = false;
+
+  constructor(readonly socket: Socket) {
+    const markGone = (): void => {
+      this.gone = true;
+    };
+    socket.prependOnceListener('end', markGone);
+    socket.prependOnceListener('close', markGone);
+  }
+
+  get open(): boolean {
+    return !this.gone && this.socket.writable;
+  }
 }
 
 /** Whether the server announced an EHLO keyword (upper case, e.g. `SMTPUTF8`). */

@@ -191,30 +191,28 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
 
   /** The destinations a message holds read-ahead room at: each (sender, domain), as many as its connections carry now and next. */
   private readAheadKeys(sender: SenderName, byDomain: Map<string, Recipient[]>): ReadAheadKey[] {
-    const isBinding = 'binding' in sender;
-    const name = isBinding ? sender.binding : sender.group;
-    const cache = isBinding ? this.readAheadKeyCache.binding : this.readAheadKeyCache.group;
-    let byName = cache.get(name);
-    if (!byName) cache.set(name, (byName = new Map()));
     const keys: ReadAheadKey[] = [];
-    for (const domain of byDomain.keys()) {
-      let key = byName.get(domain);
-      if (key === undefined) {
-        if (this.cachedReadAheadKeys >= MAX_CACHED_LIMITS) {
-          this.readAheadKeyCache.binding.clear();
-          this.readAheadKeyCache.group.clear();
-          this.cachedReadAheadKeys = 0;
-          cache.set(name, byName);
-          byName.clear();
-        }
-        const limit = this.readAheadPerConnection * this.scopes.connectionsTo(sender, domain);
-        key = { key: `${isBinding ? 'b' : 'g'}\0${name}\0${domain}`, limit };
-        byName.set(domain, key);
-        this.cachedReadAheadKeys++;
-      }
-      keys.push(key);
-    }
+    for (const domain of byDomain.keys()) keys.push(this.readAheadKey(sender, domain));
     return keys;
+  }
+
+  /** One destination's key, the same object for every send there (no key string built per message). */
+  private readAheadKey(sender: SenderName, domain: string): ReadAheadKey {
+    const kind = 'binding' in sender ? 'binding' : 'group';
+    const name = 'binding' in sender ? sender.binding : sender.group;
+    const cached = this.readAheadKeyCache[kind].get(name)?.get(domain);
+    if (cached) return cached;
+    if (this.cachedReadAheadKeys >= MAX_CACHED_LIMITS) {
+      this.readAheadKeyCache.binding.clear();
+      this.readAheadKeyCache.group.clear();
+      this.cachedReadAheadKeys = 0;
+    }
+    const key = { key: `${kind[0]}\0${name}\0${domain}`, limit: this.readAheadPerConnection * this.scopes.connectionsTo(sender, domain) };
+    let byName = this.readAheadKeyCache[kind].get(name);
+    if (!byName) this.readAheadKeyCache[kind].set(name, (byName = new Map()));
+    byName.set(domain, key);
+    this.cachedReadAheadKeys++;
+    return key;
   }
 }
 

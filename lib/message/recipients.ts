@@ -91,7 +91,7 @@ export function assertCleanAddressFields(mail: object): void {
 
 /** `prefix` and `field` make the option path, joined only for the error (every send is checked). */
 function assertClean(value: unknown, prefix: string, field = ''): void {
-  const dirty = typeof value === 'string' ? (LINE_BREAK_OR_NUL.test(value) ? { path: '', value } : undefined) : dirtyPart(value);
+  const dirty = dirtyPart(value);
   if (dirty === undefined) return;
   throw new BindingPoolError(
     'EADDRESS',

@@ -89,6 +89,7 @@ export class PairPolicy {
   private candidate: { k: number; at: number } | undefined;
   /** The retryAfter times given to sends the rates turned away, still to come (ascending). */
   private readonly promised: number[] = [];
+  /** The buckets in force, made again only when the overrides change (every send reads them). */
   private messageList: Bucket[] = [];
   private connectionList: Bucket[] = [];
   /** The earliest time something in force ends (refresh does nothing before it). */
@@ -138,32 +139,32 @@ export class PairPolicy {
 
   /** Recipients every message bucket has room for now (Infinity without a rate). */
   messageRoom(now: number): number {
-    return this.messageList.length === 0 ? Infinity : room(this.messageList, now);
+    return room(this.messageList, now);
   }
 
   /** When the nth recipient from now could go (now if it can). */
   messageAvailableAt(now: number, nth = 1): number {
-    return availableAt(this.messageBuckets(), now, nth);
+    return availableAt(this.messageList, now, nth);
   }
 
   /** Takes `n` recipients from every message bucket in force; returns them, to settle or refund there. */
   takeMessages(n: number, now: number): Bucket[] {
-    const buckets = this.messageBuckets();
+    const buckets = this.messageList;
     for (const bucket of buckets) bucket.take(n, now);
     return buckets;
   }
 
   connectionRoom(now: number): number {
-    return room(this.connectionBuckets(), now);
+    return room(this.connectionList, now);
   }
 
   connectionAvailableAt(now: number): number {
-    return availableAt(this.connectionBuckets(), now, 1);
+    return availableAt(this.connectionList, now, 1);
   }
 
   takeConnection(now: number): void {
     // A connect counts from when it starts: settled at once.
-    for (const bucket of this.connectionBuckets()) {
+    for (const bucket of this.connectionList) {
       bucket.take(1, now);
       bucket.settle(1, now);
     }
@@ -183,7 +184,7 @@ export class PairPolicy {
 
   /** Which rate holds a send back, for its error: the first bucket without room. */
   describeMessageRate(now: number): string {
-    const full = this.messageBuckets().find((b) => b.room(now) < 1);
+    const full = this.messageList.find((b) => b.room(now) < 1);
     const rate = full?.rateAt(now);
     return full && rate ? `maxMessageRate '${rate.text}' (${full.scope})` : 'maxMessageRate';
   }
@@ -362,15 +363,6 @@ export class PairPolicy {
     this.connectionList = buckets(this.connectionBucket, this.overrides, 'connectionBucket');
     const ends = [...this.overrides.map((o) => o.until), this.learned?.until ?? Infinity, this.suspension?.until ?? Infinity];
     this.nextExpiry = Math.min(...ends);
-  }
-
-  /** The buckets in force, made again only when the overrides change (every send reads them). */
-  private messageBuckets(): Bucket[] {
-    return this.messageList;
-  }
-
-  private connectionBuckets(): Bucket[] {
-    return this.connectionList;
   }
 }
 

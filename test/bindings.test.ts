@@ -60,10 +60,12 @@ describe('bindings', () => {
       await transporter.close();
       expect(infos.map((i) => i.domains.map((d) => d.binding))).toEqual([['mta1'], ['mta2'], ['mta1'], ['mta2']]);
       expect(sourceBySubject(server)).toEqual({ a1: '127.0.0.2', a2: '127.0.0.2', b1: '127.0.0.3', b2: '127.0.0.3' });
-      for (const c of server.connections) {
-        expect(c.ehloName).toBe(source(c) === '127.0.0.2' ? 'mta1.test' : 'mta2.test');
-        expect(['127.0.0.2', '127.0.0.3']).toContain(source(c));
-      }
+      for (const c of server.connections) expect(['127.0.0.2', '127.0.0.3']).toContain(source(c));
+      // A second dial of a pair whose sends the first connection served meanwhile may be closed by
+      // close() before it said EHLO (a busy machine): every connection that said it used its binding's name.
+      const greeted = server.connections.filter((c) => c.ehloName !== '');
+      expect(new Set(greeted.map(source))).toEqual(new Set(['127.0.0.2', '127.0.0.3']));
+      for (const c of greeted) expect(c.ehloName).toBe(source(c) === '127.0.0.2' ? 'mta1.test' : 'mta2.test');
       expect(server.totalDelivered()).toBe(4);
     });
 

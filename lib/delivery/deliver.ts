@@ -5,7 +5,7 @@
  * Every recipient ends with exactly one outcome; one the server may have taken is never resent.
  */
 import { describeError, type BindingPoolError } from '../errors';
-import type { TransactionEnvelope } from '../smtp/connection';
+import type { CountingConnection, TransactionEnvelope } from '../smtp/connection';
 import type { DestinationPool } from '../pool/registry';
 import type { Recipient } from '../message/recipients';
 import type { RecipientReply } from '../smtp/verdicts';
@@ -94,39 +94,55 @@ export function emptyDomainResult(domain: string, binding: string): DomainResult
   return { domain, binding, hosts: [], connections: [], accepted: [], rejected: [], pending: [] };
 }
 
+/** Records a recipient's outcome in its status's list. */
+function settleOutcome(
+  result: DomainResult,
+  item: QueuedRecipient,
+  status: RecipientStatus,
+  response: string,
+  responseCode?: number,
+  host?: string,
+  retryAfter?: number,
+): RecipientOutcome {
+  const outcome: RecipientOutcome = { recipient: item.recipient.address, status, response };
+  if (responseCode !== undefined) outcome.responseCode = responseCode;
+  if (host !== undefined) outcome.host = host;
+  if (retryAfter !== undefined) outcome.retryAfter = new Date(retryAfter);
+  result[status].push(outcome);
+  return outcome;
+}
+
+/** Notes the connection (and its host) in the result, once each. */
+function noteConnection(result: DomainResult, connection: CountingConnection): void {
+  const host = connection.targetName;
+  if (!result.hosts.includes(host)) result.hosts.push(host);
+  const { connections } = result;
+  for (let i = 0; i < connections.length; i++) if (connections[i].id === connection.id) return;
+  connections.push({ id: connection.id, host, encrypted: connection.encrypted });
+}
+
+/**
+ * Written for the code V8 runs before it optimizes (most of a fresh process's first thousands of
+ * messages): plain loops and module functions, no closure, Set or Map per delivery.
+ */
 export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult> {
   const result = emptyDomainResult(job.domain, job.binding);
-  const queue: QueuedRecipient[] = job.recipients.map((recipient) => ({ recipient, attempts: 0 }));
-  const hosts = new Set<string>();
-  const connections = new Map<string, ConnectionUse>();
-  const settle = (
-    item: QueuedRecipient,
-    status: RecipientStatus,
-    response: string,
-    responseCode?: number,
-    host?: string,
-    retryAfter?: Date,
-  ): RecipientOutcome => {
-    const outcome: RecipientOutcome = { recipient: item.recipient.address, status, response };
-    if (responseCode !== undefined) outcome.responseCode = responseCode;
-    if (host !== undefined) outcome.host = host;
-    if (retryAfter !== undefined) outcome.retryAfter = new Date(retryAfter);
-    result[status].push(outcome);
-    return outcome;
-  };
-
-  const { policy } = job.pool;
+  const queue: QueuedRecipient[] = [];
+  for (let i = 0; i < job.recipients.length; i++) queue.push({ recipient: job.recipients[i], attempts: 0 });
+  const { pool } = job;
+  const { policy } = pool;
   const wants = (): number => queue.length;
   // Each worker holds one connection at a time; a large recipient list spreads over several.
   const worker = async (): Promise<void> => {
     while (queue.length > 0) {
       let grant;
       try {
-        grant = await job.pool.acquire(wants);
+        grant = await pool.acquire(wants);
       } catch (err) {
         // The destination cannot be reached now: what is left is pending with that reason.
         const retryAfter = (err as BindingPoolError).retryAfter;
-        for (const item of queue.splice(0)) settle(item, 'pending', describeError(err), undefined, undefined, retryAfter);
+        const response = describeError(err);
+        for (const item of queue.splice(0)) settleOutcome(result, item, 'pending', response, undefined, undefined, retryAfter?.getTime());
         return;
       }
       // Nothing left for this send: the delivery's other sends took it.
@@ -136,47 +152,22 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
       const { connection } = grant;
       const batch = queue.splice(0, Math.min(grant.recipients, connection.capacity()));
       if (batch.length === 0) {
-        job.pool.settle(grant, 0);
-        job.pool.release(connection);
+        pool.settle(grant, 0);
+        pool.release(connection);
         continue;
       }
-      const host = connection.targetName;
-      hosts.add(host);
-      if (!connections.has(connection.id)) connections.set(connection.id, { id: connection.id, host, encrypted: connection.encrypted });
+      noteConnection(result, connection);
+      const rcpts: string[] = [];
+      for (let i = 0; i < batch.length; i++) rcpts.push(batch[i].recipient.rcpt);
       let replies;
       try {
-        replies = await connection.send(
-          job.envelope,
-          batch.map((item) => item.recipient.rcpt),
-          job.message,
-        );
+        replies = await connection.send(job.envelope, rcpts, job.message);
       } finally {
         // Whatever happened, the rate room is settled and the connection goes back.
-        job.pool.settle(grant, batch.length);
-        job.pool.release(connection);
+        pool.settle(grant, batch.length);
+        pool.release(connection);
       }
-      const again: QueuedRecipient[] = [];
-      const progressed = replies.some((reply) => reply.verdict === 'delivered' || reply.verdict === 'rejected');
-      const now = Date.now();
-      // A pending recipient is told when the pair could send again, when the transaction's replies
-      // made that known (a rule suspended the pair, the receiver throttles it).
-      const reopensAt = job.pool.reopensAt(now);
-      replies.forEach((reply, i) => {
-        const item = batch[i];
-        if (goesAgain(item, reply, progressed, now, policy.options)) again.push(item);
-        else {
-          const status = reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending';
-          const outcome = settle(
-            item,
-            status,
-            reply.response,
-            reply.responseCode,
-            host,
-            status === 'pending' && reopensAt !== undefined ? new Date(reopensAt) : undefined,
-          );
-          if (reply.verdict === 'unknown') outcome.outcomeUnknown = true;
-        }
-      });
+      const again = settleReplies(result, batch, replies, connection.targetName, pool, policy.options);
       if (again.length > 0) {
         if (deliveryLog.enabled)
           deliveryLog(
@@ -194,7 +185,35 @@ export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult
   const workers = Math.min(policy.maxOutboundConnections, Math.ceil(queue.length / perTransaction));
   if (workers <= 1) await worker();
   else await Promise.all(Array.from({ length: workers }, worker));
-  result.hosts = [...hosts];
-  result.connections = [...connections.values()];
   return result;
+}
+
+/** A transaction's replies: each recipient settled, or returned to go again. */
+function settleReplies(
+  result: DomainResult,
+  batch: QueuedRecipient[],
+  replies: RecipientReply[],
+  host: string,
+  pool: DestinationPool,
+  options: ResolvedOptions,
+): QueuedRecipient[] {
+  const again: QueuedRecipient[] = [];
+  let progressed = false;
+  for (let i = 0; i < replies.length; i++) if (replies[i].verdict === 'delivered' || replies[i].verdict === 'rejected') progressed = true;
+  const now = Date.now();
+  // A pending recipient is told when the pair could send again, when the transaction's replies
+  // made that known (a rule suspended the pair, the receiver throttles it).
+  const reopensAt = pool.reopensAt(now);
+  for (let i = 0; i < replies.length; i++) {
+    const reply = replies[i];
+    const item = batch[i];
+    if (goesAgain(item, reply, progressed, now, options)) {
+      again.push(item);
+      continue;
+    }
+    const status = reply.verdict === 'delivered' ? 'accepted' : reply.verdict === 'rejected' ? 'rejected' : 'pending';
+    const outcome = settleOutcome(result, item, status, reply.response, reply.responseCode, host, status === 'pending' ? reopensAt : undefined);
+    if (reply.verdict === 'unknown') outcome.outcomeUnknown = true;
+  }
+  return again;
 }

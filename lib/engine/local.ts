@@ -125,7 +125,11 @@ export class LocalEngine extends EventEmitter implements Engine {
 
   deliver(job: MessageJob): Promise<DomainResult[]> {
     const deliveries: Promise<DomainResult>[] = [];
-    for (const [domain, recipients] of job.domains) {
+    for (let i = 0; i < job.domains.length; i++) {
+      // Not `for (const [domain, recipients] of …)`: before V8 optimizes it, that runs the iterator protocol twice per domain.
+      const group = job.domains[i];
+      const domain = group[0];
+      const recipients = group[1];
       const binding = this.scopes.bindingFor(job.sender, (member) => this.registry.healthy(member.name, domain));
       deliveries.push(this.deliverDomain(binding, domain, recipients, job.envelope, job.message));
     }

@@ -80,18 +80,24 @@ export class ReadAheadBudget {
   release(ticket: ReadAheadTicket): void {
     this.heldBytes -= ticket.bytes;
     this.heldMessages--;
-    for (const { key } of ticket.keys) {
+    const { keys } = ticket;
+    for (let i = 0; i < keys.length; i++) {
+      const { key } = keys[i];
       const left = this.perKey.get(key)! - 1;
       if (left === 0) this.perKey.delete(key);
       else this.perKey.set(key, left);
     }
-    for (const { key } of ticket.keys) {
-      const queue = this.keyWaiters.get(key);
-      const next = queue?.shift();
-      if (queue?.size === 0) this.keyWaiters.delete(key);
-      if (next && this.tryAdmit(next, false)) next.wake!();
+    // Nobody waits, the common case: no lookups.
+    if (this.keyWaiters.size > 0) {
+      for (let i = 0; i < keys.length; i++) {
+        const { key } = keys[i];
+        const queue = this.keyWaiters.get(key);
+        const next = queue?.shift();
+        if (queue?.size === 0) this.keyWaiters.delete(key);
+        if (next && this.tryAdmit(next, false)) next.wake!();
+      }
     }
-    this.wakeByteWaiters();
+    if (this.byteWaiters.size > 0) this.wakeByteWaiters();
   }
 
   /** Figures for stats(). */
@@ -108,7 +114,9 @@ export class ReadAheadBudget {
    * large message waiting for room is not overtaken by smaller ones forever.
    */
   private tryAdmit(ticket: ReadAheadTicket, atByteQueueHead: boolean): boolean {
-    for (const { key, limit } of ticket.keys) {
+    const { keys } = ticket;
+    for (let i = 0; i < keys.length; i++) {
+      const { key, limit } = keys[i];
       if ((this.perKey.get(key) ?? 0) < limit) continue;
       let queue = this.keyWaiters.get(key);
       if (!queue) this.keyWaiters.set(key, (queue = new Fifo()));
@@ -122,7 +130,10 @@ export class ReadAheadBudget {
       if (!atByteQueueHead) this.byteWaiters.push(ticket);
       return false;
     }
-    for (const { key } of ticket.keys) this.perKey.set(key, (this.perKey.get(key) ?? 0) + 1);
+    for (let i = 0; i < keys.length; i++) {
+      const { key } = keys[i];
+      this.perKey.set(key, (this.perKey.get(key) ?? 0) + 1);
+    }
     this.heldBytes += ticket.bytes;
     this.heldMessages++;
     return true;

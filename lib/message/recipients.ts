@@ -119,6 +119,8 @@ function dirtyPart(value: unknown): { path: string; value: string } | undefined 
 
 export interface GroupedRecipients {
   byDomain: Map<string, Recipient[]>;
+  /** The same groups as [domain, recipients], in first-seen order (what an engine is handed). */
+  groups: [domain: string, recipients: Recipient[]][];
   invalid: InvalidRecipient[];
 }
 
@@ -128,9 +130,11 @@ export interface GroupedRecipients {
  */
 export function groupByDomain(addresses: readonly string[]): GroupedRecipients {
   const byDomain = new Map<string, Recipient[]>();
+  const groups: [string, Recipient[]][] = [];
   const invalid: InvalidRecipient[] = [];
   const seen = new Set<string>();
-  for (const address of addresses) {
+  for (let i = 0; i < addresses.length; i++) {
+    const address = addresses[i];
     assertNoInjection(address, 'recipient');
     const parsed = parseRecipient(address);
     if ('reason' in parsed) {
@@ -141,10 +145,13 @@ export function groupByDomain(addresses: readonly string[]): GroupedRecipients {
     if (seen.has(parsed.rcpt)) continue;
     seen.add(parsed.rcpt);
     let group = byDomain.get(parsed.domain);
-    if (!group) byDomain.set(parsed.domain, (group = []));
+    if (!group) {
+      byDomain.set(parsed.domain, (group = []));
+      groups.push([parsed.domain, group]);
+    }
     group.push(parsed);
   }
-  return { byDomain, invalid };
+  return { byDomain, groups, invalid };
 }
 
 /** The addresses by destination domain, in first-seen order, then the unparseable ones together. */

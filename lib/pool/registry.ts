@@ -265,8 +265,10 @@ export class DestinationPool implements SlotOwner {
    * transaction (they count from when the server had them), the rest is given back.
    */
   settle(grant: Grant, sent: number): void {
+    const { buckets } = grant;
+    if (buckets.length === 0) return;
     const now = Date.now();
-    for (const bucket of grant.buckets) {
+    for (const bucket of buckets) {
       if (sent > 0) bucket.settle(sent, grant.connection.rcptsReadBy);
       if (grant.recipients > sent) bucket.refund(grant.recipients - sent, now);
     }
@@ -357,6 +359,8 @@ export class DestinationPool implements SlotOwner {
     if (this.waiters.size === 0) return;
     const paused = this.gate.paused(now);
     const rateAt = this.policy.messageAvailableAt(now);
+    // Every deadline is at least lastHandout + timeout: while that is ahead, only a pause or a rate could end a wait now.
+    if (this.lastHandout + timeout > now && !paused && rateAt <= now) return;
     // Only the oldest sends give up, in order: each, as it reaches the front, needs one recipient's room.
     for (const waiter of this.waiters) {
       const deadline = Math.max(waiter.since, this.lastHandout) + timeout;
@@ -425,7 +429,8 @@ export class DestinationPool implements SlotOwner {
    * are let go on the way.
    */
   private handOut(connection: CountingConnection, now: number): boolean {
-    if (this.gate.paused(now) || this.policy.suspendedUntil(now) !== undefined) return false;
+    // Asked for every connection that comes back, mostly with nobody waiting (a lent one going home).
+    if (this.waiters.size === 0 || this.gate.paused(now) || this.policy.suspendedUntil(now) !== undefined) return false;
     for (const waiter of this.waiters) {
       const wants = waiter.wants();
       if (wants === 0) {
@@ -603,11 +608,23 @@ export class DestinationPool implements SlotOwner {
 
   /** One timer for the pool: the oldest send's deadline, or the end of a pause or backoff sends wait for. */
   private armWakeTimer(now: number): void {
-    const oldest = this.waiters.values().next().value;
     // No send waits: a timer still armed fires once to no effect (cheaper than clearing it on
     // every message and arming it again on the next).
-    if (!oldest) return;
-    let due = Math.max(oldest.since, this.lastHandout) + this.policy.options.acquireTimeout;
+    if (this.waiters.size === 0) return;
+    const timeout = this.policy.options.acquireTimeout;
+    // The timer armed serves when nothing below can be due before it: every deadline is at least
+    // lastHandout + timeout, and no pause, backoff, cluster wait or rate holds anything back.
+    if (
+      this.wakeTimer !== undefined &&
+      this.wakeDue <= this.lastHandout + timeout &&
+      this.wakeDue <= now + RECHECK_MS &&
+      this.gate.reopensAt <= now &&
+      this.clusterWaitUntil <= now &&
+      !this.policy.rated
+    )
+      return;
+    const oldest = this.waiters.values().next().value!;
+    let due = Math.max(oldest.since, this.lastHandout) + timeout;
     // A pause ends, or a backoff: what waits may go then (a pause holds idle connections back too).
     if (this.gate.reopensAt > now) due = Math.min(due, this.gate.reopensAt);
     // A rate has room again: for the oldest send, or for a dial; the cluster may have a lease.

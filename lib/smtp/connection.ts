@@ -136,6 +136,8 @@ export class CountingConnection {
   private readonly smtp: SMTPConnection;
   /** Set once the session is set up: how `usable` knows the peer is still there. */
   private peer: PeerWatch | undefined;
+  /** What the server announced (SIZE, SMTPUTF8), read once the session is set up: it holds for the session. */
+  private offered: ServerOffer = NO_OFFER;
   private ended = false;
   private readonly endWaiters: (() => void)[] = [];
   /** Where the LMTP replies of the transaction in flight are recorded (undefined: they cannot be). */
@@ -207,6 +209,7 @@ export class CountingConnection {
     }
     const socket = socketOf(connection.smtp);
     if (socket) connection.peer = new PeerWatch(socket);
+    connection.offered = { sizeLimit: serverSizeLimit(connection.smtp), smtputf8: offers(connection.smtp, 'SMTPUTF8') };
     connectionLog('%s open (%s)', connection.id, connection.encrypted ? 'TLS' : 'plain');
     return connection;
   }
@@ -243,9 +246,10 @@ export class CountingConnection {
     if (rcpts.length === 0 || rcpts.length > this.capacity()) {
       return Promise.reject(new RangeError(`${this.id}: ${rcpts.length} recipients offered, room for ${this.capacity()}`));
     }
-    const { refused, sendable } = refuseLocally(this.smtp, envelope, rcpts, envelope.size ?? message.length);
+    const local = refuseLocally(this.offered, envelope, rcpts, envelope.size ?? message.length);
+    if (local === undefined) return this.transaction(envelope, rcpts, message);
+    const { refused, sendable } = local;
     if (sendable.length === 0) return Promise.resolve(refused);
-    if (refused.length === 0) return this.transaction(envelope, sendable, message);
     return this.transaction(envelope, sendable, message).then((replies) => {
       const byRcpt = new Map([...refused, ...replies].map((reply) => [reply.rcpt, reply]));
       return rcpts.map((rcpt) => byRcpt.get(rcpt)!);
@@ -431,24 +435,33 @@ export function describeTarget(target: Pick<ConnectionTarget, 'host' | 'serverna
   return target.servername ? `${target.servername}[${target.host}]:${target.port}` : `${target.host}:${target.port}`;
 }
 
+/** What the server announced that decides what it can take: its SIZE (0: none) and SMTPUTF8. */
+interface ServerOffer {
+  sizeLimit: number;
+  smtputf8: boolean;
+}
+
+/** Before the session is set up nothing is known: no limit, no SMTPUTF8 (the cautious answer). */
+const NO_OFFER: ServerOffer = { sizeLimit: 0, smtputf8: false };
+
 /**
  * Recipients the server cannot take, refused before MAIL FROM with a local reply: every one when
  * the message exceeds the server's SIZE (RFC 1870) or the sender needs SMTPUTF8 the server does
  * not offer; otherwise those whose local part needs SMTPUTF8 (RFC 6531 3.2), while the rest go.
+ * Undefined when the server can take them all (the common case: nothing is allocated for it).
  */
 function refuseLocally(
-  smtp: SMTPConnection,
+  offered: ServerOffer,
   envelope: TransactionEnvelope,
   rcpts: readonly string[],
   size: number,
-): { refused: RecipientReply[]; sendable: readonly string[] } {
-  const limit = serverSizeLimit(smtp);
+): { refused: RecipientReply[]; sendable: readonly string[] } | undefined {
+  const limit = offered.sizeLimit;
   if (limit > 0 && size > limit) {
     const response = `552 5.3.4 message of ${size} bytes is larger than the server's limit of ${limit} bytes (SIZE); not sent`;
     return { refused: rcpts.map((rcpt) => ({ rcpt, verdict: 'rejected', response, responseCode: 552 })), sendable: [] };
   }
-  if (!NON_ASCII.test(envelope.from) && !rcpts.some((rcpt) => NON_ASCII.test(rcpt))) return { refused: NOTHING_REFUSED, sendable: rcpts };
-  if (offers(smtp, 'SMTPUTF8')) return { refused: NOTHING_REFUSED, sendable: rcpts };
+  if (offered.smtputf8 || !needsSmtpUtf8(envelope.from, rcpts)) return undefined;
   const why = '(RFC 6531: the server does not offer SMTPUTF8); not sent';
   if (NON_ASCII.test(envelope.from)) {
     const response = `553 5.6.7 sender ${envelope.from} has a non-ASCII address ${why}`;
@@ -464,8 +477,13 @@ function refuseLocally(
   return { refused, sendable };
 }
 
+function needsSmtpUtf8(from: string, rcpts: readonly string[]): boolean {
+  if (NON_ASCII.test(from)) return true;
+  for (let i = 0; i < rcpts.length; i++) if (NON_ASCII.test(rcpts[i])) return true;
+  return false;
+}
+
 const NON_ASCII = /[\u0080-\uffff]/;
-const NOTHING_REFUSED: RecipientReply[] = [];
 
 /** Nodemailer's error as the facts the verdict rule reads. */
 function failureOf(err: SmtpError, resetMeansUnread: boolean): TransactionFailure {

@@ -123,69 +123,76 @@ function noteConnection(result: DomainResult, connection: CountingConnection): v
 
 /**
  * Written for the code V8 runs before it optimizes (most of a fresh process's first thousands of
- * messages): plain loops and module functions, no closure, Set or Map per delivery.
+ * messages): plain loops and module functions, no Set or Map per delivery. Leaves the pool when
+ * it ends: the engine entered it for the delivery.
  */
 export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult> {
-  const result = emptyDomainResult(job.domain, job.binding);
-  const queue: QueuedRecipient[] = [];
-  for (let i = 0; i < job.recipients.length; i++) queue.push({ recipient: job.recipients[i], attempts: 0 });
-  const { pool } = job;
-  const { policy } = pool;
-  const wants = (): number => queue.length;
-  // Each worker holds one connection at a time; a large recipient list spreads over several.
-  const worker = async (): Promise<void> => {
-    while (queue.length > 0) {
-      let grant;
-      try {
-        grant = await pool.acquire(wants);
-      } catch (err) {
-        // The destination cannot be reached now: what is left is pending with that reason.
-        const retryAfter = (err as BindingPoolError).retryAfter;
-        const response = describeError(err);
-        for (const item of queue.splice(0)) settleOutcome(result, item, 'pending', response, undefined, undefined, retryAfter?.getTime());
-        return;
-      }
-      // Nothing left for this send: the delivery's other sends took it.
-      if (!grant) continue;
-      // As many as the pool granted (the rates' room; at most the connection's capacity, which a
-      // rule or a learned limit may have lowered since it was handed out).
-      const { connection } = grant;
-      const batch = queue.splice(0, Math.min(grant.recipients, connection.capacity()));
-      if (batch.length === 0) {
-        pool.settle(grant, 0);
-        pool.release(connection);
-        continue;
-      }
-      noteConnection(result, connection);
-      const rcpts: string[] = [];
-      for (let i = 0; i < batch.length; i++) rcpts.push(batch[i].recipient.rcpt);
-      let replies;
-      try {
-        replies = await connection.send(job.envelope, rcpts, job.message);
-      } finally {
-        // Whatever happened, the rate room is settled and the connection goes back.
-        pool.settle(grant, batch.length);
-        pool.release(connection);
-      }
-      const again = settleReplies(result, batch, replies, connection.targetName, pool, policy.options);
-      if (again.length > 0) {
-        if (deliveryLog.enabled)
-          deliveryLog(
-            '%s: %d recipient(s) go on over another connection after %s',
-            connection.id,
-            again.length,
-            replies.find((r) => r.verdict !== 'delivered')?.response,
-          );
-        queue.unshift(...again);
-      }
-    }
-  };
+  try {
+    const result = emptyDomainResult(job.domain, job.binding);
+    const queue: QueuedRecipient[] = [];
+    for (let i = 0; i < job.recipients.length; i++) queue.push({ recipient: job.recipients[i], attempts: 0 });
+    const { policy } = job.pool;
+    const wants = (): number => queue.length;
+    // Each worker holds one connection at a time; a large recipient list spreads over several.
+    const perTransaction = Math.max(1, policy.limits.maxRecipientsPerTransaction);
+    const workers = Math.min(policy.maxOutboundConnections, Math.ceil(queue.length / perTransaction));
+    if (workers <= 1) await runWorker(job, queue, wants, result);
+    else await Promise.all(Array.from({ length: workers }, () => runWorker(job, queue, wants, result)));
+    return result;
+  } finally {
+    // The engine entered the pool for this delivery (see LocalEngine.deliverDomain).
+    job.pool.leave();
+  }
+}
 
-  const perTransaction = Math.max(1, policy.limits.maxRecipientsPerTransaction);
-  const workers = Math.min(policy.maxOutboundConnections, Math.ceil(queue.length / perTransaction));
-  if (workers <= 1) await worker();
-  else await Promise.all(Array.from({ length: workers }, worker));
-  return result;
+/** Takes connections from the pool one at a time and sends the queue's recipients over them until none is left. */
+async function runWorker(job: DomainDelivery, queue: QueuedRecipient[], wants: () => number, result: DomainResult): Promise<void> {
+  const { pool } = job;
+  while (queue.length > 0) {
+    let grant;
+    try {
+      grant = await pool.acquire(wants);
+    } catch (err) {
+      // The destination cannot be reached now: what is left is pending with that reason.
+      const retryAfter = (err as BindingPoolError).retryAfter;
+      const response = describeError(err);
+      for (const item of queue.splice(0)) settleOutcome(result, item, 'pending', response, undefined, undefined, retryAfter?.getTime());
+      return;
+    }
+    // Nothing left for this send: the delivery's other sends took it.
+    if (!grant) continue;
+    // As many as the pool granted (the rates' room; at most the connection's capacity, which a
+    // rule or a learned limit may have lowered since it was handed out).
+    const { connection } = grant;
+    const batch = queue.splice(0, Math.min(grant.recipients, connection.capacity()));
+    if (batch.length === 0) {
+      pool.settle(grant, 0);
+      pool.release(connection);
+      continue;
+    }
+    noteConnection(result, connection);
+    const rcpts: string[] = [];
+    for (let i = 0; i < batch.length; i++) rcpts.push(batch[i].recipient.rcpt);
+    let replies;
+    try {
+      replies = await connection.send(job.envelope, rcpts, job.message);
+    } finally {
+      // Whatever happened, the rate room is settled and the connection goes back.
+      pool.settle(grant, batch.length);
+      pool.release(connection);
+    }
+    const again = settleReplies(result, batch, replies, connection.targetName, pool, pool.policy.options);
+    if (again.length > 0) {
+      if (deliveryLog.enabled)
+        deliveryLog(
+          '%s: %d recipient(s) go on over another connection after %s',
+          connection.id,
+          again.length,
+          replies.find((r) => r.verdict !== 'delivered')?.response,
+        );
+      queue.unshift(...again);
+    }
+  }
 }
 
 /** A transaction's replies: each recipient settled, or returned to go again. */

@@ -200,15 +200,13 @@ export class LocalEngine extends EventEmitter implements Engine {
   private deliverDomain(binding: Binding, domain: string, recipients: Recipient[], envelope: TransactionEnvelope, message: Buffer): Promise<DomainResult> {
     // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
     const pool = this.registry.get(binding.name, domain);
-    // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it.
+    // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it
+    // (deliverToDomain leaves it when it ends).
     pool.enter();
-    const leave = (): void => pool.leave();
     // A route needs no lookup: straight to the pool, without an async function's turns.
-    const delivering = pool.policy.options.route
+    return pool.policy.options.route
       ? deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients })
       : this.deliverByMx(binding, domain, pool, recipients, envelope, message);
-    delivering.then(leave, leave);
-    return delivering;
   }
 
   private async deliverByMx(
@@ -220,8 +218,15 @@ export class LocalEngine extends EventEmitter implements Engine {
     message: Buffer,
   ): Promise<DomainResult> {
     const { options, limits } = pool.policy;
-    const decision = await this.router.decide(binding, domain, options, limits);
+    let decision;
+    try {
+      decision = await this.router.decide(binding, domain, options, limits);
+    } catch (err) {
+      pool.leave();
+      throw err;
+    }
     if (decision.kind !== 'hops') {
+      pool.leave();
       // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
       const result = emptyDomainResult(domain, binding.name);
       const status = decision.kind === 'reject' ? 'rejected' : 'pending';

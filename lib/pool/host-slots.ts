@@ -383,7 +383,8 @@ export class HostState {
    * else one that does not fit closed to free its slot.
    */
   private reclaimIdle(waiter: SlotWaiter): void {
-    if (this.held < this.limit(waiter.request.cap) || !waiter.request.wanted()) return;
+    // Poked for every send its pool gets while it waits: nothing idle here is the common case.
+    if (this.idleHere.size === 0 || this.held < this.limit(waiter.request.cap) || !waiter.request.wanted()) return;
     const requester = waiter.request.owner;
     let spare: { connection: CountingConnection; owner: SlotOwner } | undefined;
     for (const connection of this.idleHere) {

@@ -511,7 +511,14 @@ function rcptRefusals(state: EnvelopeRecord): Map<string, ServerReply> {
   return refusals;
 }
 
+/** The three digits a reply starts with (what /^\d{3}/ reads), without a match array per transaction. */
 function replyCode(response: string | undefined): number | undefined {
-  const match = response ? /^\d{3}/.exec(response) : null;
-  return match ? Number(match[0]) : undefined;
+  if (response === undefined || response.length < 3) return undefined;
+  let code = 0;
+  for (let i = 0; i < 3; i++) {
+    const digit = response.charCodeAt(i) - 48;
+    if (digit < 0 || digit > 9) return undefined;
+    code = code * 10 + digit;
+  }
+  return code;
 }

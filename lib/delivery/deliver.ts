@@ -53,6 +53,7 @@ export interface DomainResult {
 export interface DomainDelivery {
   domain: string;
   binding: string;
+  /** Entered (DestinationPool.enter) for this delivery by the caller: deliverToDomain leaves it when it ends. */
   pool: DestinationPool;
   envelope: TransactionEnvelope;
   message: Buffer;

@@ -222,6 +222,7 @@ export class LocalEngine extends EventEmitter implements Engine {
     try {
       decision = await this.router.decide(binding, domain, options, limits);
     } catch (err) {
+      // deliverDomain entered the pool; deliverToDomain leaves it, and so does every path that does not get there.
       pool.leave();
       throw err;
     }

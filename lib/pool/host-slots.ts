@@ -384,7 +384,8 @@ export class HostState {
    */
   private reclaimIdle(waiter: SlotWaiter): void {
     // Poked for every send its pool gets while it waits: nothing idle here is the common case.
-    if (this.idleHere.size === 0 || this.held < this.limit(waiter.request.cap) || !waiter.request.wanted()) return;
+    // (limit() first: it also ends a learned limit that has grown back to the cap.)
+    if (this.held < this.limit(waiter.request.cap) || this.idleHere.size === 0 || !waiter.request.wanted()) return;
     const requester = waiter.request.owner;
     let spare: { connection: CountingConnection; owner: SlotOwner } | undefined;
     for (const connection of this.idleHere) {

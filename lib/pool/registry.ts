@@ -429,8 +429,9 @@ export class DestinationPool implements SlotOwner {
    * are let go on the way.
    */
   private handOut(connection: CountingConnection, now: number): boolean {
-    // Asked for every connection that comes back, mostly with nobody waiting (a lent one going home).
-    if (this.waiters.size === 0 || this.gate.paused(now) || this.policy.suspendedUntil(now) !== undefined) return false;
+    // suspendedUntil first: it also ends what has run out (and says `resumed`). Then nobody
+    // waiting, the common case for a connection coming back (a lent one going home).
+    if (this.gate.paused(now) || this.policy.suspendedUntil(now) !== undefined || this.waiters.size === 0) return false;
     for (const waiter of this.waiters) {
       const wants = waiter.wants();
       if (wants === 0) {

@@ -441,7 +441,7 @@ interface ServerOffer {
   smtputf8: boolean;
 }
 
-/** Before the session is set up nothing is known: no limit, no SMTPUTF8 (the cautious answer). */
+/** The field's value until open() has read the server's EHLO keywords (no transaction runs before). */
 const NO_OFFER: ServerOffer = { sizeLimit: 0, smtputf8: false };
 
 /**

@@ -185,10 +185,14 @@ export class CountingConnection {
         // A failed connect is reported through the callback for a silent close before the
         // greeting, and through 'error' (refused, timed out, 4xx greeting, TLS) otherwise.
         const fail = (err: Error): void => reject(err);
+        const closed = (): void => reject(new Error('connection closed during setup'));
         connection.smtp.once('error', fail);
-        connection.smtp.once('end', () => reject(new Error('connection closed during setup')));
+        connection.smtp.once('end', closed);
         connection.smtp.connect((err) => {
+          // Both go once set up: left on, the 'end' listener built an Error (a stack trace) at
+          // every connection's close, for a promise long settled.
           connection.smtp.removeListener('error', fail);
+          connection.smtp.removeListener('end', closed);
           if (err) reject(err);
           else resolve();
         });

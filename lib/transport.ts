@@ -57,8 +57,8 @@ type SendCallback = (err: Error | null, info?: BindingPoolSentMessageInfo) => vo
 /** The domain key under which recipients with an unparseable address are reported. */
 const INVALID_ADDRESSES = '';
 
-/** Read-ahead limits cached per (sender, domain) at most; the cache starts over past it. */
-const MAX_CACHED_LIMITS = 10_000;
+/** Read-ahead keys cached, one per (sender, domain), at most; the cache starts over past it. */
+const MAX_CACHED_KEYS = 10_000;
 
 export class BindingPoolTransport extends EventEmitter implements Transport<BindingPoolSentMessageInfo> {
   readonly name = 'BindingPool';
@@ -206,7 +206,7 @@ export class BindingPoolTransport extends EventEmitter implements Transport<Bind
     const name = 'binding' in sender ? sender.binding : sender.group;
     const cached = this.readAheadKeyCache[kind].get(name)?.get(domain);
     if (cached) return cached;
-    if (this.cachedReadAheadKeys >= MAX_CACHED_LIMITS) {
+    if (this.cachedReadAheadKeys >= MAX_CACHED_KEYS) {
       this.readAheadKeyCache.binding.clear();
       this.readAheadKeyCache.group.clear();
       this.cachedReadAheadKeys = 0;

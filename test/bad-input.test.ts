@@ -501,8 +501,8 @@ describe('fuzz: recipient parsing and grouping', () => {
           expect(() => groupByDomain(addresses)).toThrow(expect.objectContaining({ code: 'EADDRESS' }));
           return;
         }
-        const { byDomain, invalid } = groupByDomain(addresses);
-        const grouped = [...byDomain.entries()].flatMap(([domain, list]) => list.map((r) => ({ ...r, key: domain })));
+        const { groups, invalid } = groupByDomain(addresses);
+        const grouped = groups.flatMap(([domain, list]) => list.map((r) => ({ ...r, key: domain })));
         for (const r of grouped) expect(r.domain).toBe(r.key);
         // Valid ones once per rcpt, invalid ones once per address.
         expect(new Set(grouped.map((r) => r.rcpt)).size).toBe(grouped.length);

@@ -53,7 +53,6 @@ export interface DomainResult {
 export interface DomainDelivery {
   domain: string;
   binding: string;
-  /** Entered (DestinationPool.enter) for this delivery by the caller: deliverToDomain leaves it when it ends. */
   pool: DestinationPool;
   envelope: TransactionEnvelope;
   message: Buffer;
@@ -124,31 +123,31 @@ function noteConnection(result: DomainResult, connection: CountingConnection): v
 
 /**
  * Written for the code V8 runs before it optimizes (most of a fresh process's first thousands of
- * messages): plain loops and module functions, no Set or Map per delivery. Leaves the pool when
- * it ends: the engine entered it for the delivery.
+ * messages): plain loops and module functions, no Set or Map per delivery. The pool is held for
+ * the whole delivery, so it is not dropped as idle under it.
  */
 export async function deliverToDomain(job: DomainDelivery): Promise<DomainResult> {
+  job.pool.enter();
   try {
     const result = emptyDomainResult(job.domain, job.binding);
     const queue: QueuedRecipient[] = [];
     for (let i = 0; i < job.recipients.length; i++) queue.push({ recipient: job.recipients[i], attempts: 0 });
     const { policy } = job.pool;
-    const wants = (): number => queue.length;
     // Each worker holds one connection at a time; a large recipient list spreads over several.
     const perTransaction = Math.max(1, policy.limits.maxRecipientsPerTransaction);
     const workers = Math.min(policy.maxOutboundConnections, Math.ceil(queue.length / perTransaction));
-    if (workers <= 1) await runWorker(job, queue, wants, result);
-    else await Promise.all(Array.from({ length: workers }, () => runWorker(job, queue, wants, result)));
+    if (workers <= 1) await runWorker(job, queue, result);
+    else await Promise.all(Array.from({ length: workers }, () => runWorker(job, queue, result)));
     return result;
   } finally {
-    // The engine entered the pool for this delivery (see LocalEngine.deliverDomain).
     job.pool.leave();
   }
 }
 
 /** Takes connections from the pool one at a time and sends the queue's recipients over them until none is left. */
-async function runWorker(job: DomainDelivery, queue: QueuedRecipient[], wants: () => number, result: DomainResult): Promise<void> {
+async function runWorker(job: DomainDelivery, queue: QueuedRecipient[], result: DomainResult): Promise<void> {
   const { pool } = job;
+  const wants = (): number => queue.length;
   while (queue.length > 0) {
     let grant;
     try {
@@ -182,7 +181,7 @@ async function runWorker(job: DomainDelivery, queue: QueuedRecipient[], wants: (
       pool.settle(grant, batch.length);
       pool.release(connection);
     }
-    const again = settleReplies(result, batch, replies, connection.targetName, pool, pool.policy.options);
+    const again = settleReplies(result, batch, replies, connection.targetName, pool);
     if (again.length > 0) {
       if (deliveryLog.enabled)
         deliveryLog(
@@ -197,14 +196,8 @@ async function runWorker(job: DomainDelivery, queue: QueuedRecipient[], wants: (
 }
 
 /** A transaction's replies: each recipient settled, or returned to go again. */
-function settleReplies(
-  result: DomainResult,
-  batch: QueuedRecipient[],
-  replies: RecipientReply[],
-  host: string,
-  pool: DestinationPool,
-  options: ResolvedOptions,
-): QueuedRecipient[] {
+function settleReplies(result: DomainResult, batch: QueuedRecipient[], replies: RecipientReply[], host: string, pool: DestinationPool): QueuedRecipient[] {
+  const { options } = pool.policy;
   const again: QueuedRecipient[] = [];
   let progressed = false;
   for (let i = 0; i < replies.length; i++) if (replies[i].verdict === 'delivered' || replies[i].verdict === 'rejected') progressed = true;

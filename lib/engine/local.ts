@@ -200,9 +200,6 @@ export class LocalEngine extends EventEmitter implements Engine {
   private deliverDomain(binding: Binding, domain: string, recipients: Recipient[], envelope: TransactionEnvelope, message: Buffer): Promise<DomainResult> {
     // The pool holds the pair's resolved options, so they are resolved once per pool, not per message.
     const pool = this.registry.get(binding.name, domain);
-    // Held for the whole delivery, MX lookup included, so the pool is not dropped as idle under it
-    // (deliverToDomain leaves it when it ends).
-    pool.enter();
     // A route needs no lookup: straight to the pool, without an async function's turns.
     return pool.policy.options.route
       ? deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients })
@@ -218,22 +215,19 @@ export class LocalEngine extends EventEmitter implements Engine {
     message: Buffer,
   ): Promise<DomainResult> {
     const { options, limits } = pool.policy;
-    let decision;
+    // Held during the MX lookup too, so the pool is not dropped as idle under it (deliverToDomain
+    // enters it again before this leaves).
+    pool.enter();
     try {
-      decision = await this.router.decide(binding, domain, options, limits);
-    } catch (err) {
-      // deliverDomain entered the pool; deliverToDomain leaves it, and so does every path that does not get there.
-      pool.leave();
-      throw err;
-    }
-    if (decision.kind !== 'hops') {
-      pool.leave();
+      const decision = await this.router.decide(binding, domain, options, limits);
+      if (decision.kind === 'hops') return deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients });
       // Null MX, NXDOMAIN (reject) or a failed lookup (defer): decided without connecting.
       const result = emptyDomainResult(domain, binding.name);
       const status = decision.kind === 'reject' ? 'rejected' : 'pending';
       result[status] = recipients.map((r) => ({ recipient: r.address, status, response: decision.response, responseCode: decision.responseCode }));
       return result;
+    } finally {
+      pool.leave();
     }
-    return deliverToDomain({ domain, binding: binding.name, pool, envelope, message, recipients });
   }
 }

@@ -126,7 +126,8 @@ export interface WireForm {
  * ending in CRLF. Made once per message, where it is built, so that every domain and retry sends
  * it without the DataStream's byte-by-byte scan (smtp/internals.ts MessageHandover). Takes the
  * message as the chunks it was read in and copies them once; a single chunk that needs no change
- * comes back as it is. Only line ends are visited (Buffer#indexOf), not every byte.
+ * comes back as it is. A small single chunk is checked with one regular expression
+ * (inWireFormAlready); otherwise only line ends are visited (Buffer#indexOf), not every byte.
  */
 export function toWireForm(chunks: readonly Buffer[]): WireForm {
   if (chunks.length === 1 && inWireFormAlready(chunks[0])) return { wire: chunks[0], size: chunks[0].length };

@@ -118,8 +118,7 @@ function dirtyPart(value: unknown): { path: string; value: string } | undefined 
 }
 
 export interface GroupedRecipients {
-  byDomain: Map<string, Recipient[]>;
-  /** The same groups as [domain, recipients], in first-seen order (what an engine is handed). */
+  /** [domain, recipients], in first-seen order (what an engine is handed). */
   groups: [domain: string, recipients: Recipient[]][];
   invalid: InvalidRecipient[];
 }
@@ -151,13 +150,13 @@ export function groupByDomain(addresses: readonly string[]): GroupedRecipients {
     }
     group.push(parsed);
   }
-  return { byDomain, groups, invalid };
+  return { groups, invalid };
 }
 
 /** The addresses by destination domain, in first-seen order, then the unparseable ones together. */
 export function domainGroups(addresses: readonly string[]): string[][] {
-  const { byDomain, invalid } = groupByDomain(addresses);
-  const groups = [...byDomain.values()].map((recipients) => recipients.map((r) => r.address));
-  if (invalid.length > 0) groups.push(invalid.map((r) => r.address));
-  return groups;
+  const { groups, invalid } = groupByDomain(addresses);
+  const addressGroups = groups.map(([, recipients]) => recipients.map((r) => r.address));
+  if (invalid.length > 0) addressGroups.push(invalid.map((r) => r.address));
+  return addressGroups;
 }

@@ -429,8 +429,8 @@ export class DestinationPool implements SlotOwner {
    * are let go on the way.
    */
   private handOut(connection: CountingConnection, now: number): boolean {
-    // suspendedUntil first: it also ends what has run out (and says `resumed`). Then nobody
-    // waiting, the common case for a connection coming back (a lent one going home).
+    // The waiters last: suspendedUntil also ends what has run out (and says `resumed`), as every
+    // connection coming back asked before. Nobody waiting is the common case (a lent one going home).
     if (this.gate.paused(now) || this.policy.suspendedUntil(now) !== undefined || this.waiters.size === 0) return false;
     for (const waiter of this.waiters) {
       const wants = waiter.wants();

@@ -40,7 +40,7 @@ export function socketOf(smtp: SMTPConnection): Socket | undefined {
 
 /** True while both directions of the socket are open: a peer that closed or half-closed it gets no transaction. */
 export function peerOpen(smtp: SMTPConnection): boolean {
-  const socket = internals(smtp)._socket;
+  const socket = socketOf(smtp);
   return !!socket && !socket.destroyed && socket.writable && !socket.readableEnded;
 }
 
